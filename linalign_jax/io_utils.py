@@ -1,0 +1,105 @@
+"""Atomic file writes, hashing and progress output shared by every stage.
+
+Every artefact (cache entry, map, results file) is written to a temporary sibling and renamed into place, so an
+interrupted run never leaves a file that looks complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it.
+
+    Works for files and directories (whatever the body creates at the yielded path).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class Progress:
+    """Prints `label: done/total (rate unit/s)` to stderr at most every `every` seconds, and once at the end."""
+
+    def __init__(self, label: str, total: int | None = None, unit: str = "items", every: float = 5.0):
+        self.label, self.total, self.unit, self.every = label, total, unit, every
+        self.done = 0
+        self.units = 0.0
+        self.start = self._last = time.perf_counter()
+
+    def update(self, n: int = 1, units: float | None = None) -> None:
+        self.done += n
+        self.units += n if units is None else units
+        now = time.perf_counter()
+        if now - self._last >= self.every:
+            self._last = now
+            self._print(now)
+
+    def close(self) -> float:
+        now = time.perf_counter()
+        self._print(now)
+        return now - self.start
+
+    def rate(self) -> float:
+        return self.units / max(time.perf_counter() - self.start, 1e-9)
+
+    def _print(self, now: float) -> None:
+        total = f"/{self.total}" if self.total is not None else ""
+        rate = self.units / max(now - self.start, 1e-9)
+        print(f"{self.label}: {self.done}{total} ({rate:,.1f} {self.unit}/s, {now - self.start:.1f}s)",
+              file=sys.stderr, flush=True)
