@@ -1,0 +1,225 @@
+"""Main job: extract (cached) → fit maps → evaluate the paper's settings; writes results, tables, plots and maps.
+
+    python -m experiments.align --flagfile=configs/demo.flags
+
+Outputs in --out_dir:
+    results.json   written last and atomically: an interrupted run leaves none (a stale one is removed at start)
+    results.md     tables shaped like the paper's Tables 1, 2/6 and 7, plus map quality
+    accuracy.png   accuracy per setting, mean ± std over seeds
+    maps/<setting>/map.safetensors + map.json   the first seed's map of every mapped setting
+
+results.json keys:
+    command        the command line that produced it
+    config         every flag value that matters (models, data specs, limits, pooling, map, λ, settings, shots, seeds)
+    models         {"source"|"target": {"spec", "fingerprint", "family", "dim"}}
+    data           {"task"|"ood"|"public": {"spec", "fingerprint" (sha256 of the texts used), "n_train", "n_test" |
+                    "n", "classes"}}
+    setting_ids    the settings in run order (JSON objects are written with sorted keys)
+    settings       {setting_id: {"setting", "shots", "per_seed": [record...], "mean": {...}, "std": {...}}} with
+                   setting_id in native | task_map | public | public+id@k | few_shot@k (k = --shots) and
+                   record = {"seed", "accuracy", "energy_auroc", "msp_auroc", "energy_fpr95", "msp_fpr95"
+                   (when --ood_data), "map": {"r2", "cosine", "top1", "top5", "lambda", "rank", "map_rows"}
+                   (mapped settings), "head_rows" (few_shot)}; mean/std (ddof=1) over seeds of each number
+    similarity     source vs target on the task test rows: linear_cka, linear_cka_debiased, rbf_cka, svcca64,
+                   mutual_knn (+ mutual_knn_z)
+    timing         {"extract_s", "evaluate_s", "total_s", "cpu_s"}; "extract" lists each feature set's cache status
+    complete       true (only ever written in a finished file)
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from linalign_jax.errors import LinalignError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("source_model", None, "Party B's model spec (asset name, hub id or local path)")
+flags.DEFINE_string("target_model", None, "Party A's model spec: owns the linear head")
+flags.DEFINE_string("task_data", None, "labelled task dataset spec (train/test)")
+flags.DEFINE_string("ood_data", "", "dataset spec whose test texts are the OOD set ('' = no OOD evaluation)")
+flags.DEFINE_string("public_data", "public", "unlabelled corpus spec for the public / public+id maps")
+flags.DEFINE_enum("pooling", "mean", ["mean", "last", "cls"], "how token states become one embedding")
+flags.DEFINE_bool("normalize", True, "L2-normalise pooled embeddings (what sentence-transformers models output)")
+flags.DEFINE_enum("map", "ridge", ["ridge", "optax", "procrustes", "rrr"], "map method")
+flags.DEFINE_string("ridge_lambda", "auto", "ridge λ (> 0) or 'auto' (GCV); used by ridge and rrr")
+flags.DEFINE_integer("rank", 64, "rank of the rrr map")
+flags.DEFINE_enum("procrustes_dims", "zero", ["zero", "pca"], "Procrustes with different dims: zero-pad or PCA")
+flags.DEFINE_enum("optax_loss", "mse", ["mse", "cosine"], "optax map loss")
+flags.DEFINE_enum("optax_optimizer", "adam", ["adam", "adamw"], "optax map optimizer")
+flags.DEFINE_float("optax_lr", 1e-3, "optax map learning rate")
+flags.DEFINE_list("settings", ["native", "task_map", "public", "public+id", "few_shot"], "settings to evaluate")
+flags.DEFINE_list("shots", ["32", "64", "128"], "labelled task rows for public+id and few_shot (total, stratified)")
+flags.DEFINE_bool("per_class_shots", False, "--shots counts rows per class instead of in total")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (heads, shots, optax maps); at least 3 for the paper's mean ± std")
+flags.DEFINE_string("out_dir", None, "output directory")
+flags.DEFINE_integer("public_limit", 5000, "texts taken from the public corpus")
+flags.DEFINE_integer("train_limit", 0, "stratified subsample of the task train split (0 = all)")
+flags.DEFINE_integer("test_limit", 0, "stratified subsample of the task test split (0 = all)")
+flags.DEFINE_integer("ood_limit", 1000, "texts taken from the OOD dataset's test split (0 = all)")
+flags.DEFINE_integer("max_length", 128, "tokens per text (longer texts are truncated)")
+flags.DEFINE_integer("batch_size", 64, "texts per extraction batch")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model compute dtype")
+flags.DEFINE_integer("data_seed", 0, "seed of the dataset split and subsamples")
+flags.DEFINE_string("feature_cache", None, "feature cache directory (default $LINALIGN_CACHE/features)")
+flags.mark_flags_as_required(["source_model", "target_model", "task_data", "out_dir"])
+
+
+def _subsample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of a stratified subsample of `limit` rows (all rows when limit is 0 or ≥ N)."""
+    from linalign_jax.data.splits import stratified_split
+
+    if limit <= 0 or limit >= len(labels):
+        return np.arange(len(labels))
+    return np.sort(stratified_split(labels, limit, seed)[1])
+
+
+def load_texts_and_labels(cfg: dict) -> dict:
+    """{"train"|"test": (texts, labels), "ood": texts | None, "public": texts | None, "classes": [...]}."""
+    from linalign_jax.data import load_dataset, load_texts
+
+    task = load_dataset(cfg["task_data"], seed=cfg["data_seed"])
+    out = {"classes": task["train"].features["label"].names}
+    for split, limit in (("train", cfg["train_limit"]), ("test", cfg["test_limit"])):
+        texts, labels = task[split]["text"], np.asarray(task[split]["label"])
+        keep = _subsample(labels, limit, cfg["data_seed"])
+        out[split] = ([texts[i] for i in keep], labels[keep])
+    out["ood"] = None
+    if cfg["ood_data"]:
+        ood = load_dataset(cfg["ood_data"], seed=cfg["data_seed"])["test"]
+        keep = _subsample(np.asarray(ood["label"]), cfg["ood_limit"], cfg["data_seed"])
+        out["ood"] = [ood["text"][i] for i in keep]
+    needs_public = any(s in ("public", "public+id") for s in cfg["settings"])
+    out["public"] = load_texts(cfg["public_data"], limit=cfg["public_limit"], seed=cfg["data_seed"]) \
+        if needs_public else None
+    return out
+
+
+def extract_all(spec: str, sets: dict, cfg: dict) -> tuple[dict, dict]:
+    """Features of every text set for one model (cached); returns ({name: array}, model info)."""
+    from linalign_jax.data import fingerprint
+    from linalign_jax.features import cached_features
+    from linalign_jax.models import load_model
+
+    print(f"loading {spec}", file=sys.stderr, flush=True)
+    model = load_model(spec, dtype=cfg["dtype"])
+    feats, status = {}, {}
+    for name, texts in sets.items():
+        fs = cached_features(model, texts, fingerprint(list(texts)), pooling=cfg["pooling"],
+                             max_length=cfg["max_length"], normalize=cfg["normalize"], batch_size=cfg["batch_size"],
+                             cache_dir=cfg["feature_cache"])
+        feats[name] = fs.array
+        status[name] = {"cache": fs.metadata.get("cache"), "seconds": fs.metadata.get("seconds")}
+    info = {"spec": spec, "fingerprint": model.fingerprint, "family": model.family, "dim": int(model.hidden_size),
+            "extract": status}
+    return feats, info
+
+
+def run(cfg: dict, command: str) -> dict:
+    from linalign_jax import reports
+    from linalign_jax.align import save_map
+    from linalign_jax.align.fit import MapConfig
+    from linalign_jax.align.optax_map import OptaxMapConfig
+    from linalign_jax.data import fingerprint
+    from linalign_jax.evaluate.settings import Paired, TaskFeatures, run_settings, setting_ids
+    from linalign_jax.io_utils import atomic_write_json, atomic_write_text
+    from linalign_jax.similarity import similarity
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    out_dir = Path(cfg["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("results.json", "results.md"):
+        (out_dir / stale).unlink(missing_ok=True)
+    ids = setting_ids(cfg["settings"], cfg["shots"])  # validates names before any expensive work
+    map_config = MapConfig(method=cfg["map"], ridge_lambda=cfg["ridge_lambda"], rank=cfg["rank"],
+                           procrustes_dims=cfg["procrustes_dims"],
+                           optax=OptaxMapConfig(loss=cfg["optax_loss"], optimizer=cfg["optax_optimizer"],
+                                                learning_rate=cfg["optax_lr"]))
+    data = load_texts_and_labels(cfg)
+    sets = {"train": data["train"][0], "test": data["test"][0]}
+    sets.update({k: data[k] for k in ("ood", "public") if data[k] is not None})
+    src, src_info = extract_all(cfg["source_model"], sets, cfg)
+    tgt, tgt_info = extract_all(cfg["target_model"], sets, cfg)
+    extract_s = time.perf_counter() - start
+
+    def paired(name):
+        return Paired(src[name], tgt[name]) if name in src else None
+
+    feats = TaskFeatures(train=paired("train"), train_labels=data["train"][1], test=paired("test"),
+                         test_labels=data["test"][1], num_classes=len(data["classes"]), ood=paired("ood"),
+                         public=paired("public"))
+    data_info = {"task": {"spec": cfg["task_data"], "n_train": len(sets["train"]), "n_test": len(sets["test"]),
+                          "classes": data["classes"],
+                          "fingerprint": fingerprint(sets["train"] + sets["test"])}}
+    for name, spec_key in (("ood", "ood_data"), ("public", "public_data")):
+        if name in sets:
+            data_info[name] = {"spec": cfg[spec_key], "n": len(sets[name]), "fingerprint": fingerprint(sets[name])}
+
+    def save(sid, affine, info):
+        fit_rows = {"task_map": "task train", "public": "public"}.get(sid, "public + task train shots")
+        save_map(out_dir / "maps" / sid.replace("@", "_"), affine, {
+            "source_model": cfg["source_model"], "target_model": cfg["target_model"],
+            "source_fingerprint": src_info["fingerprint"], "target_fingerprint": tgt_info["fingerprint"],
+            "pooling": cfg["pooling"], "normalize": cfg["normalize"], "max_length": cfg["max_length"],
+            "setting": sid, "fit_data": fit_rows, "data_fingerprint": data_info.get(
+                "task" if sid == "task_map" else "public", {}).get("fingerprint"),
+            **{k: v for k, v in info.items() if k not in ("history", "lambda_grid", "gcv")}})
+
+    eval_start = time.perf_counter()
+    settings = run_settings(feats, ids, cfg["seeds"], map_config, per_class_shots=cfg["per_class_shots"],
+                            on_map=save)
+    results = {
+        "command": command, "config": cfg, "models": {"source": src_info, "target": tgt_info}, "data": data_info,
+        "setting_ids": ids, "settings": settings,
+        "similarity": similarity(src["test"], tgt["test"],
+                                 ("linear_cka", "linear_cka_debiased", "rbf_cka", "svcca64", "mutual_knn")),
+        "timing": {"extract_s": extract_s, "evaluate_s": time.perf_counter() - eval_start},
+    }
+    reports.plot_accuracy(results, out_dir / "accuracy.png")
+    results["timing"].update(total_s=time.perf_counter() - start, cpu_s=time.process_time() - cpu_start)
+    results["complete"] = True
+    atomic_write_text(out_dir / "results.md", reports.results_markdown(results))
+    atomic_write_json(out_dir / "results.json", results)  # last: its presence means the run finished
+    return results
+
+
+def config_from_flags() -> dict:
+    lam = FLAGS.ridge_lambda
+    if lam != "auto":
+        try:
+            lam = float(lam)
+        except ValueError:
+            raise LinalignError(f"--ridge_lambda must be a float > 0 or 'auto', got {lam!r}") from None
+    try:
+        shots = [int(s) for s in FLAGS.shots]
+        seeds = [int(s) for s in FLAGS.seeds]
+    except ValueError as e:
+        raise LinalignError(f"--shots and --seeds take comma-separated ints: {e}") from None
+    keys = ("source_model", "target_model", "task_data", "ood_data", "public_data", "pooling", "normalize", "map",
+            "rank", "procrustes_dims", "per_class_shots", "optax_loss", "optax_optimizer", "optax_lr", "settings",
+            "out_dir", "public_limit", "train_limit", "test_limit", "ood_limit", "max_length", "batch_size", "dtype",
+            "data_seed", "feature_cache")
+    return {**{k: FLAGS[k].value for k in keys}, "ridge_lambda": lam, "shots": shots, "seeds": seeds}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    command = "python -m experiments.align " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        results = run(config_from_flags(), command)
+    except LinalignError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    out = Path(FLAGS.out_dir)
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'} in {results['timing']['total_s']:.0f}s",
+          file=sys.stderr)
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,237 @@
+"""Extraction throughput: our jitted JAX forward + pooling vs PyTorch transformers, same model, batch, length and
+token ids, in one run.
+
+    python -m experiments.bench_extract --model=all-MiniLM-L6-v2 --batch=32 --length=128 --json_out=/tmp/minilm.json
+    python -m experiments.bench_extract --model=SmolLM2-135M-Instruct --batch=8 --length=128
+    python -m experiments.bench_extract --random_llama8b --dtype=bfloat16 --batch=16 --length=512   # GPU machine
+
+The JAX side is exactly what `extract_features` runs per batch (`features.pooled_forward`: forward, pooling, rows
+sharded over the local devices); tokenization is excluded on both sides. The PyTorch side runs
+experiments/bench_extract_torch.py in a subprocess, first (so the two never hold the GPU at once), with
+--torch_python: the oracle venv (.venv-oracle) on CPU, this interpreter on the GPU machine. On CPU both sides get
+--threads threads (XLA's CPU thread pool is restricted to match torch.set_num_threads).
+
+--random_llama8b builds a Llama-3-8B-shaped model with random weights on both sides (32 layers, d=4096, 32 heads with
+8 KV heads, FFN 14336, vocab 128256, RoPE θ=500000; --random_layers shrinks it for a smoke test) and needs no file.
+FLOPs per batch = 2 · (Dense kernel parameters) · tokens + 4 · layers · batch · length² · attention width (QKᵀ and
+AV; embeddings are lookups, and no LM head runs in extraction). MFU = achieved FLOP/s / peak, with the peak from
+--peak_tflops or, for bfloat16 on an H100/H200, 989 TFLOP/s (dense). Prints a markdown table last; --json_out gets
+every number.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "all-MiniLM-L6-v2", "model spec (asset name, hub id, HF directory or .gguf)")
+flags.DEFINE_bool("random_llama8b", False, "benchmark a random-weight Llama-3-8B-shaped model instead of --model")
+flags.DEFINE_integer("random_layers", 32, "layers of the --random_llama8b model (fewer: smoke test)")
+flags.DEFINE_integer("batch", 16, "rows per forward pass")
+flags.DEFINE_integer("length", 128, "tokens per row (all real tokens)")
+flags.DEFINE_integer("n_batches", 5, "timed forward passes per side")
+flags.DEFINE_integer("warmup", 2, "untimed passes first (JAX compiles in the first)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter / compute dtype on both sides")
+flags.DEFINE_integer("threads", 1, "CPU threads for each side (0 = leave both libraries' defaults)")
+flags.DEFINE_string("torch_python", "", "interpreter with torch + transformers ('' = .venv-oracle if present, "
+                    "else this one)")
+flags.DEFINE_bool("torch", True, "run the PyTorch side")
+flags.DEFINE_float("peak_tflops", 0.0, "device peak for MFU (0 = auto: 989 for bfloat16 on H100/H200)")
+flags.DEFINE_string("json_out", "", "write all results here (JSON)")
+
+REPO = Path(__file__).resolve().parents[1]
+TORCH_WORKER = REPO / "experiments" / "bench_extract_torch.py"
+# Llama-3-8B's shape (meta-llama/Meta-Llama-3-8B config.json), as LlamaConfig fields.
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+DENSE_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0}
+LOW_TOKEN_ID = 10  # random ids start above the special ids (MPNet derives positions from "id != pad")
+
+
+def restrict_cpu_threads(threads: int) -> None:
+    """Make XLA's CPU backend use `threads` threads; must run before JAX creates its backend."""
+    extra = f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} intra_op_parallelism_threads={threads}"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
+
+
+def random_llama_config() -> dict:
+    return {**LLAMA3_8B, "num_hidden_layers": FLAGS.random_layers}
+
+
+def jax_model():
+    """The LoadedModel the JAX side runs."""
+    import functools
+
+    import jax
+
+    from linalign_jax.models import core, decoder_model, load_model
+
+    if FLAGS.random_llama8b:
+        hf = random_llama_config()
+        config = core.DecoderConfig(
+            family="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf["num_key_value_heads"], head_dim=hf["hidden_size"] // hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"], max_position_embeddings=hf["max_position_embeddings"],
+            norm_eps=hf["rms_norm_eps"], rope=core.RopeConfig(theta=hf["rope_theta"]), tie_embeddings=False,
+            dtype=FLAGS.dtype)
+        params = jax.jit(functools.partial(core.init_params, config))(jax.random.PRNGKey(0))
+        return decoder_model(config, params, None, spec="random-llama3-8b-shape", fingerprint="random")
+    return load_model(FLAGS.model, dtype=FLAGS.dtype)
+
+
+def hf_directory(spec: str) -> Path:
+    """The HF directory load_model reads for `spec` (a GGUF file's materialised copy), for the torch side."""
+    from linalign_jax.assets import resolve_model
+    from linalign_jax.models import gguf
+
+    path = Path(spec).expanduser()
+    path = path if path.exists() else Path(resolve_model(spec))
+    return gguf.materialize(path) if gguf.is_gguf(path) else path
+
+
+def flops_per_batch(model, batch: int, length: int) -> float:
+    import jax
+    import numpy as np
+
+    kernels = sum(int(np.prod(leaf.shape)) for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]
+                  if getattr(path[-1], "key", None) == "kernel")
+    cfg = model.config
+    layers = getattr(cfg, "num_layers", None) or cfg.num_hidden_layers
+    width = cfg.num_heads * cfg.head_dim if hasattr(cfg, "head_dim") else cfg.hidden_size
+    return 2.0 * kernels * batch * length + 4.0 * layers * batch * length ** 2 * width
+
+
+def run_torch(ids_path: Path, model_dir, pooling: str) -> dict:
+    oracle = REPO / ".venv-oracle" / "bin" / "python"
+    python = FLAGS.torch_python or (str(oracle) if oracle.exists() else sys.executable)
+    spec = {"model_dir": str(model_dir) if model_dir else None,
+            "random_llama": random_llama_config() if FLAGS.random_llama8b else None,
+            "ids": str(ids_path), "n_batches": FLAGS.n_batches, "warmup": FLAGS.warmup, "dtype": FLAGS.dtype,
+            "threads": FLAGS.threads, "pooling": pooling}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if FLAGS.threads > 0:
+        env["OMP_NUM_THREADS"] = str(FLAGS.threads)
+    proc = subprocess.run([python, str(TORCH_WORKER), json.dumps(spec)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torch side failed ({python}):\n{proc.stderr[-4000:]}")
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "python": python}
+
+
+def run_jax(model, ids, pooling: str) -> dict:
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from linalign_jax import features
+    from linalign_jax.distributed import DATA_AXIS, local_mesh, shard_params
+
+    mesh = local_mesh()
+    if ids.shape[0] % mesh.shape[DATA_AXIS]:
+        raise ValueError(f"--batch={ids.shape[0]} must be a multiple of the {mesh.shape[DATA_AXIS]} local devices")
+    rows = NamedSharding(mesh, P(DATA_AXIS, None))
+    params = shard_params(model.params, mesh)
+    ids_dev = jax.device_put(ids, rows)
+    mask_dev = jax.device_put(np.ones_like(ids), rows)
+    step = features.pooled_forward(model.forward_fn, pooling, -1, False)
+    compile_start = time.perf_counter()
+    for _ in range(FLAGS.warmup):
+        pooled = step(params, ids_dev, mask_dev).block_until_ready()
+    warmup_seconds = time.perf_counter() - compile_start
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(FLAGS.n_batches):
+        out = step(params, ids_dev, mask_dev)
+    out.block_until_ready()
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"tokens_per_second": ids.size * FLAGS.n_batches / seconds, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "warmup_seconds": warmup_seconds, "pooled_head": np.asarray(pooled[:2], np.float32).tolist(),
+            "jax": jax.__version__, "device": mesh.devices.flat[0].device_kind, "devices": int(mesh.devices.size)}
+
+
+def peak_tflops(device_kind: str):
+    if FLAGS.peak_tflops > 0:
+        return FLAGS.peak_tflops
+    if FLAGS.dtype == "bfloat16":
+        return next((peak for name, peak in DENSE_BF16_PEAK_TFLOPS.items() if name in device_kind), None)
+    return None
+
+
+def markdown(result: dict) -> str:
+    lines = ["| impl | device | dtype | batch × length | tokens/s | s/batch | CPU s/batch | TFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in result["sides"].items():
+        mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "—"
+        lines.append(f"| {name} | {row['device']} | {result['dtype']} | {result['batch']} × {result['length']} | "
+                     f"{row['tokens_per_second']:,.0f} | {row['seconds'] / result['n_batches']:.3f} | "
+                     f"{row['cpu_seconds'] / result['n_batches']:.3f} | {row['tflops']:.2f} | {mfu} |")
+    if "speedup" in result:
+        lines.append(f"\nJAX / PyTorch tokens/s: **{result['speedup']:.2f}×** ({result['model']}; "
+                     f"CPU-time ratio {result['speedup_cpu_time']:.2f}×; max |Δ pooled| {result['pooled_max_abs_diff']}; "
+                     f"load average {result['load_average']} on {result['cpu_count']} cores)")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if min(FLAGS.batch, FLAGS.length, FLAGS.n_batches, FLAGS.warmup) < 1:
+        raise app.UsageError("--batch, --length, --n_batches and --warmup must be >= 1")
+    if FLAGS.threads > 0:
+        restrict_cpu_threads(FLAGS.threads)
+    import numpy as np
+
+    model_name = "random Llama-3-8B shape" if FLAGS.random_llama8b else FLAGS.model
+    result = {"command": "python -m experiments.bench_extract " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+              "model": model_name, "dtype": FLAGS.dtype, "batch": FLAGS.batch, "length": FLAGS.length,
+              "n_batches": FLAGS.n_batches, "threads": FLAGS.threads,
+              "load_average": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count(), "sides": {}}
+    model_dir, vocab, pooling = None, LLAMA3_8B["vocab_size"], "last"
+    if not FLAGS.random_llama8b:
+        model_dir = hf_directory(FLAGS.model)
+        hf = json.loads((model_dir / "config.json").read_text())
+        vocab, pooling = hf["vocab_size"], "mean" if hf["model_type"] in ("bert", "mpnet") else "last"
+    ids = np.random.default_rng(0).integers(LOW_TOKEN_ID, vocab, (FLAGS.batch, FLAGS.length)).astype(np.int32)
+    # The torch side runs before JAX touches the accelerator, so neither holds memory the other needs.
+    if FLAGS.torch:
+        print(f"torch side: {model_name}", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            np.save(Path(tmp) / "ids.npy", ids)
+            result["sides"]["pytorch"] = run_torch(Path(tmp) / "ids.npy", model_dir, pooling)
+    import jax
+
+    print(f"jax side: {model_name}", file=sys.stderr, flush=True)
+    model = jax_model()
+    result["sides"]["jax"] = run_jax(model, ids, pooling)
+    device_kind = jax.devices()[0].device_kind
+    flops = flops_per_batch(model, FLAGS.batch, FLAGS.length)
+    peak = peak_tflops(device_kind)
+    result.update(backend=jax.default_backend(), device_kind=device_kind, flops_per_batch=flops, peak_tflops=peak,
+                  pooling=pooling)
+    for side in result["sides"].values():
+        side["tflops"] = flops * FLAGS.n_batches / side["seconds"] / 1e12
+        side["mfu"] = side["tflops"] / peak if peak else None
+    if "pytorch" in result["sides"]:
+        jax_side, torch_side = result["sides"]["jax"], result["sides"]["pytorch"]
+        result["speedup"] = jax_side["tokens_per_second"] / torch_side["tokens_per_second"]
+        result["speedup_cpu_time"] = torch_side["cpu_seconds"] / jax_side["cpu_seconds"]
+        diff = np.abs(np.asarray(jax_side["pooled_head"]) - np.asarray(torch_side["pooled_head"])).max()
+        # Random weights are drawn independently on each side: only a loaded checkpoint gives comparable outputs.
+        result["pooled_max_abs_diff"] = None if FLAGS.random_llama8b else float(f"{diff:.3g}")
+    if FLAGS.json_out:
+        from linalign_jax.io_utils import atomic_write_json
+
+        atomic_write_json(FLAGS.json_out, result)
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    app.run(main)

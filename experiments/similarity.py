@@ -1,0 +1,98 @@
+"""Similarity matrices between several models' embeddings of the same texts, with heatmaps.
+
+    python -m experiments.similarity --models=all-MiniLM-L6-v2,all-mpnet-base-v2,SmolLM2-135M-Instruct,gemma-3-270m \
+        --data=public --limit=1000 --out_dir=runs/similarity
+
+--data is a text spec (`linalign_jax.data.load_texts`: `public`, a .txt file, a table, or a labelled dataset's train
+split). Embeddings are pooled (--pooling, default mean as in the paper's §2.3 for autoregressive models), cached, and
+compared with every measure of `linalign_jax.similarity`. Outputs in --out_dir: similarity.json (written last:
+{"command", "config", "models": [{"spec", "fingerprint", "dim"}], "data": {"spec", "n", "fingerprint"},
+"matrices": {measure: [[...]]}, "timing"}), similarity.md and one heatmap_<measure>.png per measure.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+from linalign_jax.errors import LinalignError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", None, "model specs, comma-separated (at least 2)")
+flags.DEFINE_string("data", "public", "text spec")
+flags.DEFINE_integer("limit", 1000, "number of texts")
+flags.DEFINE_enum("pooling", "mean", ["mean", "last", "cls"], "pooling of token states")
+flags.DEFINE_bool("normalize", False, "L2-normalise pooled embeddings first (sentence-transformers' own output)")
+flags.DEFINE_list("measures", ["linear_cka", "linear_cka_debiased", "rbf_cka", "svcca64", "svcca128", "mutual_knn"],
+                  "similarity measures")
+flags.DEFINE_integer("max_length", 64, "tokens per text")
+flags.DEFINE_integer("batch_size", 32, "texts per extraction batch")
+flags.DEFINE_integer("seed", 0, "seed of the text sample and the mutual-kNN permutations")
+flags.DEFINE_string("feature_cache", None, "feature cache directory (default $LINALIGN_CACHE/features)")
+flags.DEFINE_string("out_dir", None, "output directory")
+flags.mark_flags_as_required(["models", "out_dir"])
+
+
+def run(command: str) -> dict:
+    import jax
+    import numpy as np
+
+    from linalign_jax import reports
+    from linalign_jax.data import fingerprint, load_texts
+    from linalign_jax.features import cached_features
+    from linalign_jax.io_utils import atomic_write_json, atomic_write_text
+    from linalign_jax.models import load_model
+    from linalign_jax.similarity import similarity_matrices
+
+    if len(FLAGS.models) < 2:
+        raise LinalignError(f"--models needs at least 2 specs, got {FLAGS.models}")
+    start = time.perf_counter()
+    out_dir = Path(FLAGS.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "similarity.json").unlink(missing_ok=True)
+    texts = load_texts(FLAGS.data, limit=FLAGS.limit, seed=FLAGS.seed)
+    data_fp = fingerprint(texts)
+    features, models = {}, []
+    for spec in FLAGS.models:
+        print(f"loading {spec}", file=sys.stderr, flush=True)
+        model = load_model(spec)
+        fs = cached_features(model, texts, data_fp, pooling=FLAGS.pooling, max_length=FLAGS.max_length,
+                             normalize=FLAGS.normalize, batch_size=FLAGS.batch_size, cache_dir=FLAGS.feature_cache)
+        features[spec] = fs.array
+        models.append({"spec": spec, "fingerprint": model.fingerprint, "dim": int(model.hidden_size),
+                       "cache": fs.metadata.get("cache")})
+        del model
+    mats = similarity_matrices(features, FLAGS.measures, key=jax.random.key(FLAGS.seed))
+    names = [m["spec"] for m in models]
+    for measure, mat in mats.items():
+        if measure != "mutual_knn_z":
+            reports.plot_similarity(mat, names, f"{measure} ({FLAGS.data}, N={len(texts)}, {FLAGS.pooling} pooling)",
+                                    out_dir / f"heatmap_{measure}.png")
+    atomic_write_text(out_dir / "similarity.md", reports.similarity_markdown(mats, names, command))
+    result = {"command": command, "models": models, "data": {"spec": FLAGS.data, "n": len(texts),
+                                                             "fingerprint": data_fp},
+              "config": {"pooling": FLAGS.pooling, "normalize": FLAGS.normalize, "max_length": FLAGS.max_length,
+                         "measures": FLAGS.measures, "seed": FLAGS.seed},
+              "matrices": {k: np.asarray(v).tolist() for k, v in mats.items()},
+              "timing": {"total_s": time.perf_counter() - start}}
+    atomic_write_json(out_dir / "similarity.json", result)
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    command = "python -m experiments.similarity " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        run(command)
+    except LinalignError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print((Path(FLAGS.out_dir) / "similarity.md").read_text())
+
+
+if __name__ == "__main__":
+    app.run(main)

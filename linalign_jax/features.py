@@ -1,0 +1,336 @@
+"""Hidden-state extraction: texts -> pooled float32 features (or per-token states), and an on-disk feature cache.
+
+Extraction tokenizes with the model's own tokenizer (its special tokens, truncation at `max_length` counted and
+logged), sorts texts by length so each batch pads little, pads every batch to a power-of-two length bucket (>= 16,
+so a run compiles a handful of shapes) and to a fixed row count that divides the mesh's "data" axis, and runs one
+jitted forward + pooling per batch with the rows sharded over all local devices. The next batch is dispatched before
+the previous one is copied back, so the host tokenizes and gathers while the device computes.
+
+Pooling (all over the real tokens only, whatever the padding side):
+    mean    average of the token states
+    last    the last real token (what decoders use: it has seen the whole text)
+    cls     the first token ([CLS] for BERT-style encoders)
+    tokens  every token's state, with its character span in the text (token-level map fitting)
+`layer=-1` is the final hidden state after the final norm (what the paper aligns); any other index selects
+`hidden_states[layer]` (0 = embeddings, i = output of layer i, before a final norm).
+
+The cache (`cached_features`) keys an entry by everything that determines it: the model's weight fingerprint, the
+dataset fingerprint, pooling, layer, max_length and normalize. Each entry is `<key>.npy` plus `<key>.json` (shape,
+key fields, sha256 of the .npy, truncated count, timing); the JSON is written last, so it marks a complete entry, and
+an entry whose array fails its checksum or shape is logged and recomputed.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from linalign_jax.assets import cache_root
+from linalign_jax.distributed import DATA_AXIS, local_mesh, shard_params
+from linalign_jax.errors import LinalignError
+from linalign_jax.io_utils import Progress, atomic_path, atomic_write_json, sha256_bytes, sha256_file
+from linalign_jax.models.base import LoadedModel
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("mean", "last", "cls", "tokens")
+MIN_BUCKET = 16
+CACHE_FORMAT = 1  # bump when the meaning of a cached array changes
+
+
+@dataclasses.dataclass
+class FeatureSet:
+    """Pooled features: `array` float32 [N, d], row i for text i, and the metadata that produced it."""
+
+    array: np.ndarray
+    metadata: Dict[str, Any]
+
+
+@dataclasses.dataclass
+class TokenFeatures:
+    """Per-token states for pooling="tokens": per text, states [n_i, d] float32, token ids [n_i], character spans
+    [n_i, 2] (start, end) into the text, and a special-token mask [n_i] (True for [CLS], BOS, ...)."""
+
+    states: List[np.ndarray]
+    token_ids: List[np.ndarray]
+    offsets: List[np.ndarray]
+    special: List[np.ndarray]
+    metadata: Dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------------- pooling
+
+def pool(hidden: jax.Array, attention_mask: jax.Array, pooling: str) -> jax.Array:
+    """[B, T, d] states -> [B, d] float32 over the real tokens (mask 1); correct for left or right padding.
+
+    A row without real tokens (a batch-filler row) gives finite values, never NaN.
+    """
+    hidden = hidden.astype(jnp.float32)
+    mask = attention_mask.astype(jnp.float32)
+    if pooling == "mean":
+        return jnp.einsum("btd,bt->bd", hidden, mask) / jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
+    positions = jnp.arange(hidden.shape[1])
+    if pooling == "last":
+        index = jnp.max(jnp.where(mask > 0, positions, 0), axis=-1)
+    elif pooling == "cls":
+        index = jnp.min(jnp.where(mask > 0, positions, hidden.shape[1] - 1), axis=-1)
+    else:
+        raise LinalignError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+    return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@functools.lru_cache(maxsize=64)
+def pooled_forward(forward_fn, pooling: str, layer: int, normalize: bool):
+    """The jitted batch function (params, ids, mask) -> features for one model and setting; jax.jit then keeps one
+    executable per batch shape."""
+
+    def step(params, input_ids, attention_mask):
+        out = forward_fn(params, input_ids, attention_mask, layer != -1)
+        hidden = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+        if pooling == "tokens":
+            return hidden.astype(jnp.float32)
+        pooled = pool(hidden, attention_mask, pooling)
+        return l2_normalize(pooled) if normalize else pooled
+
+    return jax.jit(step)
+
+
+# ------------------------------------------------------------------------------------------------- tokenizing
+
+@dataclasses.dataclass
+class Tokenized:
+    ids: List[np.ndarray]
+    offsets: List[np.ndarray]
+    special: List[np.ndarray]
+    truncated: np.ndarray  # bool [N]
+
+
+@contextlib.contextmanager
+def _plain_tokenizer(tokenizer, max_length: int) -> Iterator[Any]:
+    """The tokenizer set to truncate at max_length without padding; its own settings are restored afterwards."""
+    padding, truncation = tokenizer.padding, tokenizer.truncation
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length)
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.no_truncation()
+        if truncation:
+            tokenizer.enable_truncation(**truncation)
+        if padding:
+            tokenizer.enable_padding(**padding)
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> Tokenized:
+    """Token ids (with the tokenizer's special tokens), char spans and truncation flags, one entry per text."""
+    with _plain_tokenizer(tokenizer, max_length) as tok:
+        encodings = tok.encode_batch(list(texts))
+    empty = [i for i, e in enumerate(encodings) if not e.ids]
+    if empty:
+        raise LinalignError(f"{len(empty)} texts give no tokens at all (e.g. index {empty[0]}: {texts[empty[0]]!r}); "
+                            "remove them or use a tokenizer that adds special tokens")
+    return Tokenized(ids=[np.asarray(e.ids, np.int32) for e in encodings],
+                     offsets=[np.asarray(e.offsets, np.int32).reshape(-1, 2) for e in encodings],
+                     special=[np.asarray(e.special_tokens_mask, bool) for e in encodings],
+                     truncated=np.asarray([bool(e.overflowing) for e in encodings]))
+
+
+def length_bucket(length: int, max_length: int) -> int:
+    """Smallest power of two >= length (at least MIN_BUCKET), capped at max_length."""
+    return min(max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length()), max_length)
+
+
+def num_states(model: LoadedModel) -> int:
+    """len(hidden_states) of the model (embeddings + layers), from shapes only."""
+    ids = jax.ShapeDtypeStruct((1, MIN_BUCKET), jnp.int32)
+    out = jax.eval_shape(lambda p, i, m: model.forward(p, i, m, True), model.params, ids, ids)
+    return len(out.hidden_states)
+
+
+# ------------------------------------------------------------------------------------------------- extraction
+
+def extract_features(model: LoadedModel, texts: Sequence[str], *, pooling: str = "mean", layer: int = -1,
+                     max_length: int = 128, batch_size: int = 64, normalize: bool = False, progress: bool = True,
+                     padding_side: str = "right", mesh=None) -> Union[FeatureSet, TokenFeatures]:
+    """Features of `texts` from `model` (see the module docstring); `mesh` defaults to all local devices."""
+    texts = _check_texts(texts)
+    if pooling not in POOLINGS:
+        raise LinalignError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+    if pooling == "tokens" and normalize:
+        raise LinalignError("normalize applies to pooled features, not to pooling='tokens'")
+    for name, value in (("max_length", max_length), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LinalignError(f"{name} must be a positive int, got {value!r}")
+    if padding_side not in ("right", "left"):
+        raise LinalignError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    n_states = num_states(model)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -n_states <= layer < n_states:
+        raise LinalignError(f"layer {layer!r} out of range for {model.spec}: it has {n_states} hidden states "
+                            f"(embeddings + {n_states - 1} layers); expected an int in [{-n_states}, {n_states - 1}]")
+
+    start = time.perf_counter()
+    cpu_start = time.process_time()
+    tokens = tokenize(model.tokenizer, texts, max_length)
+    n_truncated = int(tokens.truncated.sum())
+    if n_truncated:
+        log.warning("%s: %d of %d texts exceed max_length=%d tokens and were truncated", model.spec, n_truncated,
+                    len(texts), max_length)
+    mesh = mesh if mesh is not None else local_mesh()
+    data_shards = mesh.shape[DATA_AXIS]
+    rows = -(-min(batch_size, len(texts)) // data_shards) * data_shards
+    batch_sharding = NamedSharding(mesh, P(DATA_AXIS, None))
+    params = shard_params(model.params, mesh)
+    step = pooled_forward(model.forward_fn, pooling, layer, normalize)
+
+    lengths = np.asarray([len(ids) for ids in tokens.ids])
+    order = np.argsort(-lengths, kind="stable")  # longest first: the largest shape compiles (or fails) first
+    bar = Progress(f"extract {model.spec} ({pooling})", total=len(texts), unit="tokens") if progress else None
+    results: List[Tuple[np.ndarray, Any]] = []
+    shapes = set()
+    pending = None
+    for begin in range(0, len(texts), rows):
+        index = order[begin:begin + rows]
+        width = length_bucket(int(lengths[index].max()), max_length)
+        shapes.add((rows, width))
+        ids, mask = _pad_batch([tokens.ids[i] for i in index], rows, width, model.pad_token_id, padding_side)
+        out = step(params, jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding))
+        if pending is not None:
+            results.append(_fetch(pending, bar))
+        pending = (index, out, mask)
+    results.append(_fetch(pending, bar))
+    seconds = time.perf_counter() - start
+    if bar:
+        bar.close()
+
+    n_tokens = int(lengths.sum())
+    metadata = {
+        "model_spec": model.spec, "model_fingerprint": model.fingerprint, "family": model.family,
+        "dtype": model.dtype, "pooling": pooling, "layer": layer, "max_length": max_length, "normalize": normalize,
+        "n_texts": len(texts), "hidden_size": model.hidden_size, "truncated": n_truncated, "tokens": n_tokens,
+        "seconds": seconds, "cpu_seconds": time.process_time() - cpu_start, "tokens_per_second": n_tokens / seconds,
+        "devices": int(mesh.devices.size), "batch_rows": rows, "shapes": sorted(shapes),
+    }
+    if pooling == "tokens":
+        states: List[Optional[np.ndarray]] = [None] * len(texts)
+        for index, out, mask in results:
+            for row, i in enumerate(index):
+                states[i] = out[row][mask[row] > 0]
+        return TokenFeatures(states=states, token_ids=tokens.ids, offsets=tokens.offsets, special=tokens.special,
+                             metadata=metadata)
+    array = np.empty((len(texts), results[0][1].shape[-1]), np.float32)
+    for index, out, _ in results:
+        array[index] = out[:len(index)]
+    if not np.isfinite(array).all():
+        raise LinalignError(f"{model.spec}: non-finite features (overflow in {model.dtype}?)")
+    return FeatureSet(array=array, metadata=metadata)
+
+
+def _check_texts(texts) -> List[str]:
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise LinalignError(f"texts must be a list of strings, got {type(texts).__name__}")
+    if len(texts) == 0:
+        raise LinalignError("texts is empty: nothing to extract")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise LinalignError(f"texts[{bad[0]}] is a {type(texts[bad[0]]).__name__}, expected str "
+                            f"({len(bad)} non-strings)")
+    return list(texts)
+
+
+def _pad_batch(seqs: List[np.ndarray], rows: int, width: int, pad_id: int,
+               side: str) -> Tuple[np.ndarray, np.ndarray]:
+    """ids/mask [rows, width] int32; rows beyond len(seqs) are all padding (mask 0)."""
+    ids = np.full((rows, width), pad_id, np.int32)
+    mask = np.zeros((rows, width), np.int32)
+    for r, seq in enumerate(seqs):
+        span = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        ids[r, span], mask[r, span] = seq, 1
+    return ids, mask
+
+
+def _fetch(pending, bar: Optional[Progress]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    index, out, mask = pending
+    out = np.asarray(out)  # blocks until this batch is done
+    if bar:
+        bar.update(len(index), units=int(mask.sum()))
+    return index, out, mask
+
+
+# ------------------------------------------------------------------------------------------------------ cache
+
+def cache_key(model_fingerprint: str, data_fingerprint: str, pooling: str, layer: int, max_length: int,
+              normalize: bool) -> Dict[str, Any]:
+    return {"format": CACHE_FORMAT, "model_fingerprint": model_fingerprint, "data_fingerprint": data_fingerprint,
+            "pooling": pooling, "layer": layer, "max_length": max_length, "normalize": normalize}
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "features"
+
+
+def cached_features(model: LoadedModel, texts, data_fingerprint: str, *, pooling: str = "mean", layer: int = -1,
+                    max_length: int = 128, normalize: bool = False, batch_size: int = 64,
+                    cache_dir: Optional[os.PathLike] = None, progress: bool = True, mesh=None) -> FeatureSet:
+    """`extract_features` through the on-disk cache. `texts` is a list of strings or a dataset with a "text" column;
+    `data_fingerprint` must identify exactly these texts (e.g. `linalign_jax.data.fingerprint`)."""
+    if pooling == "tokens":
+        raise LinalignError("cached_features stores pooled features; call extract_features for pooling='tokens'")
+    if not isinstance(data_fingerprint, str) or not data_fingerprint:
+        raise LinalignError(f"data_fingerprint must be a non-empty string, got {data_fingerprint!r}")
+    if not isinstance(texts, (list, tuple)) and hasattr(texts, "column_names"):
+        texts = list(texts["text"])
+    key = cache_key(model.fingerprint, data_fingerprint, pooling, layer, max_length, normalize)
+    digest = sha256_bytes(json.dumps(key, sort_keys=True).encode())
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    array_path, meta_path = root / f"{digest}.npy", root / f"{digest}.json"
+    lookup_start = time.perf_counter()
+    hit = _read_entry(array_path, meta_path, key)
+    if hit is not None:
+        hit.metadata["load_seconds"] = time.perf_counter() - lookup_start
+        if hit.array.shape[0] != len(texts):
+            raise LinalignError(f"feature cache entry {array_path} holds {hit.array.shape[0]} rows but {len(texts)} "
+                                f"texts were given: data_fingerprint {data_fingerprint!r} does not identify them")
+        return hit
+    features = extract_features(model, texts, pooling=pooling, layer=layer, max_length=max_length,
+                                batch_size=batch_size, normalize=normalize, progress=progress, mesh=mesh)
+    with atomic_path(array_path) as tmp:
+        np.save(tmp, features.array, allow_pickle=False)
+    metadata = {**features.metadata, "key": key, "data_fingerprint": data_fingerprint,
+                "shape": list(features.array.shape), "sha256": sha256_file(array_path), "created": time.time()}
+    atomic_write_json(meta_path, metadata)
+    return FeatureSet(features.array, {**metadata, "cache": "miss", "cache_path": str(array_path)})
+
+
+def _read_entry(array_path: Path, meta_path: Path, key: Dict[str, Any]) -> Optional[FeatureSet]:
+    """The cached FeatureSet, or None if absent; a damaged entry is logged and reported absent (then rewritten)."""
+    if not meta_path.exists():
+        return None
+    try:
+        metadata = json.loads(meta_path.read_text())
+        if metadata.get("key") != key:
+            raise ValueError(f"metadata key {metadata.get('key')} differs from {key}")
+        digest = sha256_file(array_path)
+        if digest != metadata["sha256"]:
+            raise ValueError(f"sha256 {digest[:12]}... differs from the recorded {metadata['sha256'][:12]}...")
+        array = np.load(array_path, allow_pickle=False)
+        if list(array.shape) != metadata["shape"] or array.dtype != np.float32:
+            raise ValueError(f"array {array.dtype}{list(array.shape)} differs from float32{metadata['shape']}")
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("corrupt feature cache entry %s (%s); recomputing", array_path, e)
+        return None
+    return FeatureSet(array, {**metadata, "cache": "hit", "cache_path": str(array_path)})

@@ -1,0 +1,54 @@
+"""HELIX CKKS engine (OpenFHE): encrypted affine layers y = x A + a evaluated by a provider on a client's ciphertext.
+
+The engine is transport-free: every value that crosses the wire is `bytes` (framed, checksummed, validated on load),
+so `linalign_jax.serve` only moves bytes. Two roles:
+
+Client (holds the secret key; one `ClientSession` per inference session, fresh keys each time, paper §3.3)::
+
+    layout = plan_layout(d_in=768, d_out=20)                    # public shapes only
+    client = ClientSession.create(layout, input_bound=64.0)     # keygen with exactly layout.rotation_indices()
+    bundle = client.bundle()                                    # context + public key + rotation keys -> bytes
+    query = client.encrypt(x)                                   # x [d_in], or [m, d_in] if the layout packs m
+    logits = client.decrypt(result)                             # [d_out] (or [m, d_out]); undoes all scaling
+
+Provider (never sees a secret key; a plan is encoded once per model and ring, and serves every session)::
+
+    plan = LinearPlan.build(layout, A, a, preset=PRESETS["hyb40_50"])    # head: A=V [d,k], a=c; map: A=W, a=b
+    session = ProviderSession.load(bundle)                                # validates ring, preset, keys, layout
+    result = session.evaluate(plan, query)                                # -> one compressed (1-tower) ciphertext
+
+Bulk, feature-major (thousands of queries, no rotation keys): `BulkLayout`, `BulkPlan`, `ClientSession.encrypt_bulk`,
+`ProviderSession.evaluate_bulk`, `ClientSession.decrypt_bulk`.
+
+Options: `plan_layout(..., preset="hyb_flood")` for OpenFHE's noise-flooding decryption (ring 16384);
+`plan_layout(..., method="hybrid_client_fold")` for a faster head whose partial sums are only statistically masked.
+
+Generic ciphertext × plaintext helpers for the secure fit (Enc(Z_Aᵀ Z_B)): `ClientSession.encrypt_vector` /
+`decrypt_vector` (raw slot vectors, headroom-checked), `ProviderSession.load_ciphertext`, `multiply_plain`,
+`linear_sum`, `add`, `dump_ciphertext`.
+
+Modules: `ckks` (presets, contexts, keys, wire format, sessions), `linear` (layouts and BSGS plans), `bulk`
+(feature-major plans). Importing this package imports OpenFHE (CPython 3.10 only).
+"""
+from linalign_jax.helix.bulk import BulkLayout, BulkPlan
+from linalign_jax.helix.ckks import (
+    PRESETS,
+    CkksPreset,
+    ClientSession,
+    ProviderSession,
+    choose_preset,
+)
+from linalign_jax.helix.linear import LinearLayout, LinearPlan, plan_layout
+
+__all__ = [
+    "PRESETS",
+    "BulkLayout",
+    "BulkPlan",
+    "CkksPreset",
+    "ClientSession",
+    "LinearLayout",
+    "LinearPlan",
+    "ProviderSession",
+    "choose_preset",
+    "plan_layout",
+]

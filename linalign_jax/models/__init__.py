@@ -1,0 +1,94 @@
+"""Model zoo: `load_model(spec, dtype)` -> `LoadedModel` (see base.py for the interface every family implements).
+
+A spec is an asset name or hub id (resolved by `linalign_jax.assets.resolve_model`), a local HF directory
+(config.json + model.safetensors or a sharded index) or a .gguf file (materialised once into an HF directory under
+$LINALIGN_CACHE, see gguf.py). The directory's `config.json` `model_type` picks the family loader in `REGISTRY`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Callable, Dict
+
+import jax
+
+from linalign_jax.errors import LinalignError
+from linalign_jax.models import bert, checkpoint, core, gemma3, gguf, gpt2, llama, mpnet, qwen
+from linalign_jax.models.base import LoadedModel
+from linalign_jax.models.tokenizer import load_tokenizer
+
+__all__ = ["load_model", "REGISTRY", "LoadedModel", "supported_model_types"]
+
+
+def _decoder_loader(family) -> Callable[..., LoadedModel]:
+    """A REGISTRY entry for a decoder family module (config_from_hf, rules, ignore[, normalize_names])."""
+
+    def load(model_dir: Path, *, spec: str, dtype: str = "float32") -> LoadedModel:
+        hf = json.loads((model_dir / "config.json").read_text())
+        config = family.config_from_hf(hf, dtype)
+        tensors = checkpoint.read_checkpoint(model_dir)
+        tensors = getattr(family, "normalize_names", lambda t: t)(tensors)
+        params = checkpoint.params_from_tensors(tensors, family.rules(config), config.num_layers,
+                                                config.compute_dtype, family.ignore(config), config.family)
+        checkpoint.check_shapes(params, jax.eval_shape(functools.partial(core.init_params, config), jax.random.PRNGKey(0)),
+                                config.family)
+        params = core.with_head_kernel(config, jax.tree_util.tree_map(jax.numpy.asarray, params))
+        # The weights (a materialised GGUF by the GGUF file's hash) and the config as run, dtype included: the same
+        # weights under another RoPE scaling or precision give other features.
+        source = gguf.source_of(model_dir)
+        hashes = ([source[1]] if source else
+                  [checkpoint.cached_sha256(f) for f in checkpoint.weight_files(model_dir)])
+        fingerprint = checkpoint.fingerprint_from_hashes(hashes + [core.config_hash(config)], config.family)
+        return decoder_model(config, params, load_tokenizer(model_dir), spec=spec, fingerprint=fingerprint)
+
+    return load
+
+
+def decoder_model(config: core.DecoderConfig, params, tokenizer, *, spec: str, fingerprint: str) -> LoadedModel:
+    """Wrap a decoder config + params into a LoadedModel with jitted forward / head / cache functions."""
+    return LoadedModel(
+        spec=spec, family=config.family, config=config, module=core.Decoder(config), params=params,
+        tokenizer=tokenizer, fingerprint=fingerprint, is_decoder=True, pad_token_id=config.pad_token_id,
+        dtype=config.dtype,
+        forward_fn=jax.jit(functools.partial(core.forward, config), static_argnums=(3,)),
+        lm_head_fn=jax.jit(functools.partial(core.lm_head, config)),
+        init_cache_fn=functools.partial(core.init_cache, config),
+        extend_fn=jax.jit(functools.partial(core.extend, config), static_argnums=(4,)))
+
+
+REGISTRY: Dict[str, Callable[..., LoadedModel]] = {
+    **{t: _decoder_loader(llama) for t in llama.MODEL_TYPES},
+    **{t: _decoder_loader(qwen) for t in qwen.MODEL_TYPES},
+    **{t: _decoder_loader(gemma3) for t in gemma3.MODEL_TYPES},
+    **{t: _decoder_loader(gpt2) for t in gpt2.MODEL_TYPES},
+    # ---- encoders: loaders with the same signature, load(model_dir, *, spec, dtype) -> LoadedModel ----
+    "bert": bert.load,
+    "mpnet": mpnet.load,
+}
+
+
+def supported_model_types() -> list:
+    return sorted(REGISTRY)
+
+
+def load_model(spec: str, dtype: str = "float32") -> LoadedModel:
+    """Load a model from an asset name, hub id, HF directory or .gguf file (see module doc)."""
+    if dtype not in core.DTYPES:
+        raise LinalignError(f"unsupported dtype {dtype!r}; supported: {', '.join(core.DTYPES)}")
+    path = Path(str(spec)).expanduser()
+    if not path.exists():
+        from linalign_jax.assets import resolve_model
+
+        path = Path(resolve_model(str(spec)))
+    if gguf.is_gguf(path):
+        path = gguf.materialize(path)
+    if not (path / "config.json").is_file():
+        raise LinalignError(f"{spec!r} resolved to {path}, which is neither an HF model directory (config.json) "
+                            "nor a .gguf file")
+    hf = json.loads((path / "config.json").read_text())
+    model_type = hf.get("model_type")
+    if model_type not in REGISTRY:
+        raise LinalignError(f"unsupported architecture model_type={model_type!r} in {path / 'config.json'}; "
+                            f"supported: {', '.join(supported_model_types())}")
+    return REGISTRY[model_type](path, spec=str(spec), dtype=dtype)

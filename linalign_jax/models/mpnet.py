@@ -1,0 +1,110 @@
+"""MPNet encoders (all-mpnet-base-v2): BERT's post-LN layers plus a T5-style relative-position bias.
+
+Deltas from bert.py: no token types; absolute positions start at padding_idx + 1 (RoBERTa convention, padded slots
+get padding_idx); one bucketed relative-position bias table is shared by all layers and added to the attention scores.
+Relative positions depend only on index differences, so they are the same for left and right padding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from linalign_jax.models import bert, core
+from linalign_jax.models.base import LoadedModel, ModelOutput
+
+# HF's MPNetEmbeddings hard-codes padding_idx = 1 (whatever config.pad_token_id says); positions are offset by it.
+HF_PADDING_IDX = 1
+# HF's MPNetEncoder.relative_position_bucket default.
+MAX_DISTANCE = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class MPNetConfig(bert.EncoderConfigBase):
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    layer_norm_eps: float
+    relative_attention_num_buckets: int = 32
+    hidden_act: str = "gelu"
+    pad_token_id: int = 1
+    dtype: str = "float32"
+
+
+def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
+                             max_distance: int = MAX_DISTANCE) -> np.ndarray:
+    """Bucket of each (key index - query index), exactly as HF MPNet computes it (float32 log, then truncation).
+
+    Half the buckets are for keys before the query, half for keys after; within each half, distances below a quarter
+    of the buckets are exact and larger ones share log-spaced buckets, saturating at max_distance.
+    """
+    n = -np.asarray(relative_position, dtype=np.int64)
+    half = num_buckets // 2
+    bucket = (n < 0).astype(np.int64) * half
+    n = np.abs(n)
+    max_exact = half // 2
+    log_ratio = (np.log(np.maximum(n, 1).astype(np.float32) / np.float32(max_exact))
+                 / np.float32(math.log(max_distance / max_exact)))
+    large = np.minimum(max_exact + (log_ratio * np.float32(half - max_exact)).astype(np.int64), half - 1)
+    return bucket + np.where(n < max_exact, n, large)
+
+
+@functools.lru_cache(maxsize=64)
+def relative_position_buckets(length: int, num_buckets: int) -> np.ndarray:
+    """[length, length] buckets for a sequence of `length`; static per shape, so computed once with numpy."""
+    positions = np.arange(length)
+    return relative_position_bucket(positions[None, :] - positions[:, None], num_buckets)
+
+
+class MPNetEncoder(nn.Module):
+    config: MPNetConfig
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+                 output_hidden_states: bool = False) -> ModelOutput:
+        cfg = self.config
+
+        def embed(num, features, name):
+            return nn.Embed(num, features, dtype=cfg.compute_dtype, name=name)
+
+        position_ids = jnp.cumsum(attention_mask, axis=-1) * attention_mask + HF_PADDING_IDX
+        x = (embed(cfg.vocab_size, cfg.hidden_size, "word_embeddings")(input_ids)
+             + embed(cfg.max_position_embeddings, cfg.hidden_size, "position_embeddings")(position_ids))
+        x = core.Norm(cfg, name="embeddings_norm")(x)
+        buckets = relative_position_buckets(input_ids.shape[1], cfg.relative_attention_num_buckets)
+        relative_bias = embed(cfg.relative_attention_num_buckets, cfg.num_attention_heads,
+                              "relative_attention_bias")(jnp.asarray(buckets))  # [T, T, H]
+        attn_bias = bert.padding_bias(attention_mask) + relative_bias.transpose(2, 0, 1)[None].astype(jnp.float32)
+        return bert.encoder_stack(cfg, x, attn_bias, output_hidden_states)
+
+
+LAYER = bert.LAYER
+HF_RULES = (
+    *bert.embedding_rules(("word_embeddings", "position_embeddings")),
+    ("encoder.relative_attention_bias.weight", "relative_attention_bias/embedding", ""),
+    *bert.linear_rules(LAYER + "attention.attn.q", "attention/query"),
+    *bert.linear_rules(LAYER + "attention.attn.k", "attention/key"),
+    *bert.linear_rules(LAYER + "attention.attn.v", "attention/value"),
+    *bert.linear_rules(LAYER + "attention.attn.o", "attention/out"),
+    *bert.norm_rules(LAYER + "attention.LayerNorm", "attention_norm"),
+    *bert.linear_rules(LAYER + "intermediate.dense", "mlp/up_proj"),
+    *bert.linear_rules(LAYER + "output.dense", "mlp/down_proj"),
+    *bert.norm_rules(LAYER + "output.LayerNorm", "output_norm"),
+)
+HF_IGNORED = (r"embeddings\.position_ids", r"pooler\..*", r"lm_head\..*")
+HF_PREFIX = "mpnet."
+
+
+def load(model_dir: Path, *, spec: str, dtype: str = "float32") -> LoadedModel:
+    """A HF MPNet directory (config.json, safetensors, tokenizer.json) -> LoadedModel."""
+    return bert.load_encoder(model_dir, spec=spec, dtype=dtype, family="mpnet", config_cls=MPNetConfig,
+                             module_cls=MPNetEncoder, rules=HF_RULES, ignored=HF_IGNORED, prefix=HF_PREFIX)

@@ -1,0 +1,217 @@
+"""CKKS layer: presets, headroom, wire format, bundle validation, key isolation between sessions, bad input."""
+import numpy as np
+import openfhe as fhe
+import pytest
+
+from linalign_jax.errors import LinalignError
+from linalign_jax.helix import PRESETS, ClientSession, LinearPlan, ProviderSession, choose_preset, plan_layout
+from linalign_jax.helix.ckks import KIND_QUERY, KIND_RESULT, context_for, frame, unframe
+
+from tests.helix.conftest import TEST_ALLOWED, TEST_PRESET, open_sessions
+
+
+def test_presets_give_the_documented_rings():
+    assert context_for("hyb40_50").GetRingDimension() == 8192
+    assert context_for("hyb40_60").GetRingDimension() == 16384
+    assert choose_preset(4096).name == "hyb40_50"
+    assert choose_preset(4097).name == "hyb40_60"
+    with pytest.raises(LinalignError, match="exceeds the largest preset"):
+        choose_preset(10**5)
+    with pytest.raises(LinalignError, match="unknown CKKS preset 'nope'"):
+        context_for("nope")
+
+
+def test_larger_ring_is_chosen_when_d_exceeds_4096_slots():
+    assert plan_layout(5000, 20).preset == "hyb40_60"
+    assert plan_layout(4096, 20).preset == "hyb40_50"
+
+
+@pytest.mark.parametrize("preset", ["hyb40_50", "hyb40_60", "hyb_flood", TEST_PRESET])
+def test_headroom_constant_is_safe_and_the_limit_is_real(preset):
+    """Products up to the preset's headroom decrypt exactly; 8x beyond it OpenFHE silently returns garbage (measured
+    limit: 3x to 4x the headroom), which is why every plan keeps its slots far below the headroom."""
+    p = PRESETS[preset]
+    cc = context_for(p)
+    keys = cc.KeyGen()
+    x = np.linspace(-1, 1, p.slots)
+    ct = cc.Encrypt(keys.publicKey, cc.MakeCKKSPackedPlaintext(x))
+
+    def decrypted_product(weight):
+        out = cc.Decrypt(cc.Compress(cc.EvalMult(ct, cc.MakeCKKSPackedPlaintext(np.full(p.slots, weight))), 1),
+                         keys.secretKey)
+        out.SetLength(p.slots)
+        return np.asarray(out.GetRealPackedValue())
+
+    np.testing.assert_allclose(decrypted_product(p.headroom), x * p.headroom, atol=1e-6 * p.headroom)
+    assert np.abs(decrypted_product(8 * p.headroom) - x * 8 * p.headroom).max() > 4 * p.headroom
+
+
+def test_frames_reject_malformed_bytes():
+    blob = frame(KIND_QUERY, {"a": 1}, b"payload")
+    assert unframe(blob, KIND_QUERY) == ({"a": 1}, b"payload")
+    cases = {
+        b"": "malformed bytes",
+        b"garbage" * 10: "malformed bytes",
+        blob[:-2]: "checksum mismatch",
+        blob[:-1] + b"X": "checksum mismatch",
+        blob[:16]: "truncated header",
+    }
+    for bad, message in cases.items():
+        with pytest.raises(LinalignError, match=message):
+            unframe(bad, KIND_QUERY)
+    with pytest.raises(LinalignError, match="got a query ciphertext frame instead"):
+        unframe(blob, KIND_RESULT)
+    with pytest.raises(LinalignError, match="expected bytes, got str"):
+        unframe("text", KIND_QUERY)
+
+
+def test_bundle_validation(head_setup):
+    layout, _, _, plan, client, _ = head_setup
+    bundle = client.bundle()
+    with pytest.raises(LinalignError, match="preset 'insecure_n4096' not allowed"):
+        ProviderSession.load(bundle)  # providers refuse the insecure test ring by default
+    header, payload = unframe(bundle, 1)
+    with pytest.raises(LinalignError, match="context is preset insecure_n4096, header says hyb40_50"):  # wrong ring
+        ProviderSession.load(frame(1, dict(header, preset="hyb40_50"), payload), allowed_presets=TEST_ALLOWED)
+    with pytest.raises(LinalignError, match="part sizes"):
+        ProviderSession.load(frame(1, dict(header, part_sizes=[1, 2, 3]), payload), allowed_presets=TEST_ALLOWED)
+    with pytest.raises(LinalignError, match="header field missing"):
+        ProviderSession.load(frame(1, {"preset": TEST_PRESET}, payload), allowed_presets=TEST_ALLOWED)
+    sizes = header["part_sizes"]
+    garbled = b"\x00" * sizes[0] + payload[sizes[0]:]
+    with pytest.raises(LinalignError, match="not the serialization of any allowed preset"):
+        ProviderSession.load(frame(1, header, garbled), allowed_presets=TEST_ALLOWED)
+    garbled_key = payload[: sizes[0]] + b"\x00" * sizes[1] + payload[sizes[0] + sizes[1]:]
+    with pytest.raises(LinalignError, match="malformed public key"):
+        ProviderSession.load(frame(1, header, garbled_key), allowed_presets=TEST_ALLOWED)
+    with pytest.raises(LinalignError, match="public key tag"):
+        ProviderSession.load(frame(1, dict(header, key_tag="f" * 32), payload), allowed_presets=TEST_ALLOWED)
+
+
+def test_missing_rotation_keys_are_named(rng):
+    small = plan_layout(300, 5, preset=TEST_PRESET)  # keys for a fold from 512 down to 8
+    bigger = plan_layout(1000, 5, preset=TEST_PRESET)  # plan needs a fold from 1024
+    client, provider = open_sessions(small)
+    try:
+        plan = LinearPlan.build(bigger, rng.normal(size=(1000, 5)), None)
+        provider.layout_json = bigger.to_json()  # a session that claims the layout but lacks its keys
+        with pytest.raises(LinalignError, match=r"lacks rotation keys for indices \[512\]"):
+            provider.evaluate(plan, client.encrypt(np.zeros(300)))
+    finally:
+        provider.close()
+        client.close()
+
+
+def test_plan_of_another_layout_is_rejected(head_setup, rng):
+    _, _, _, _, client, provider = head_setup
+    other = plan_layout(300, 7, preset=TEST_PRESET)
+    with pytest.raises(LinalignError, match="plan layout .* differs from the session's"):
+        provider.evaluate(LinearPlan.build(other, rng.normal(size=(300, 7))), client.encrypt(np.zeros(300)))
+
+
+def test_bad_queries_are_rejected_with_their_problem(head_setup):
+    layout, _, _, plan, client, provider = head_setup
+    x = np.zeros(300)
+    with pytest.raises(LinalignError, match=r"non-finite value nan at index \(0, 5\)"):
+        client.encrypt(np.where(np.arange(300) == 5, np.nan, x))
+    with pytest.raises(LinalignError, match=r"\|value\| 9 at index \(0, 7\) exceeds the bound 4"):
+        client.encrypt(np.where(np.arange(300) == 7, -9.0, x))
+    with pytest.raises(LinalignError, match=r"query shape \(299,\), expected \[300\]"):
+        client.encrypt(np.zeros(299))
+    with pytest.raises(LinalignError, match="2 queries in one ciphertext; this layout holds 1..1"):
+        client.encrypt(np.zeros((2, 300)))
+    with pytest.raises(LinalignError, match="input_bound must be a positive finite number"):
+        ClientSession.create(layout, input_bound=float("inf"))
+    with pytest.raises(LinalignError, match="malformed bytes"):
+        provider.evaluate(plan, b"not a ciphertext")
+    result = provider.evaluate(plan, client.encrypt(x))
+    with pytest.raises(LinalignError, match="got a result ciphertext frame instead"):
+        provider.evaluate(plan, result)
+    # A result ciphertext (one tower, level 1) re-framed as a query is caught by its level.
+    _, payload = unframe(result, KIND_RESULT)
+    with pytest.raises(LinalignError, match="level 1 with 2 elements, expected level 0"):
+        provider.evaluate(plan, frame(KIND_QUERY, {"key_tag": client.key_tag, "n": 1}, payload))
+    # Garbled ciphertext bytes with a valid frame: OpenFHE's own error, named.
+    for garbage in (b"\x01" * 64, b"\x00" * 64):
+        with pytest.raises(LinalignError, match="OpenFHE cannot deserialize the ciphertext"):
+            provider.evaluate(plan, frame(KIND_QUERY, {"key_tag": client.key_tag, "n": 1}, garbage))
+
+
+def test_ciphertexts_of_other_sessions_and_rings_are_rejected(head_setup, rng):
+    layout, _, _, plan, client, provider = head_setup
+    other_client, other_provider = open_sessions(layout)
+    try:
+        foreign = other_client.encrypt(np.zeros(300))
+        with pytest.raises(LinalignError, match="not this session's key"):
+            provider.evaluate(plan, foreign)
+        _, payload = unframe(foreign, KIND_QUERY)  # the header lies: the ciphertext's own key tag still differs
+        with pytest.raises(LinalignError, match="encrypted under key .*expected this session's key"):
+            provider.evaluate(plan, frame(KIND_QUERY, {"key_tag": client.key_tag, "n": 1}, payload))
+        with pytest.raises(LinalignError, match="not this session's key"):
+            client.decrypt(other_provider.evaluate(plan, foreign))
+    finally:
+        other_provider.close()
+        other_client.close()
+    # A ciphertext of the 8192 ring presented to a session on the 4096 ring.
+    big_cc = context_for("hyb40_50")
+    big = big_cc.Encrypt(big_cc.KeyGen().publicKey, big_cc.MakeCKKSPackedPlaintext(np.zeros(8)))
+    with pytest.raises(LinalignError, match="ring dimension 8192, expected 4096"):
+        provider.evaluate(plan, frame(KIND_QUERY, {"key_tag": client.key_tag, "n": 1}, fhe.Serialize(big, fhe.BINARY)))
+
+
+def test_two_sessions_with_different_keys_share_one_process(rng):
+    """Each session's rotation keys live under its own key tag; closing one leaves the other working."""
+    layout = plan_layout(300, 5, preset=TEST_PRESET)
+    A, a = rng.normal(size=(300, 5)) / 17, rng.normal(size=5)
+    plan = LinearPlan.build(layout, A, a)
+    (c1, p1), (c2, p2) = open_sessions(layout), open_sessions(layout, input_bound=2.0)
+    assert c1.key_tag != c2.key_tag
+    x1, x2 = rng.uniform(-4, 4, 300), rng.uniform(-2, 2, 300)
+    q1, q2 = c1.encrypt(x1), c2.encrypt(x2)
+    r2, r1 = p2.evaluate(plan, q2), p1.evaluate(plan, q1)  # interleaved
+    np.testing.assert_allclose(c1.decrypt(r1), x1 @ A + a, atol=1e-5)
+    np.testing.assert_allclose(c2.decrypt(r2), x2 @ A + a, atol=1e-5)
+    p1.close()
+    c1.close()
+    c1.close()  # idempotent: must not release the other session's keys
+    with pytest.raises(LinalignError, match="is closed"):
+        p1.evaluate(plan, q1)
+    np.testing.assert_allclose(c2.decrypt(p2.evaluate(plan, q2)), x2 @ A + a, atol=1e-5)
+    assert not context_for(TEST_PRESET).GetExistingEvalAutomorphismKeyIndices(c1.key_tag)
+    p2.close()
+    c2.close()
+
+
+def test_bundle_with_keys_of_a_foreign_tag_is_rejected(head_setup):
+    layout, _, _, _, client, provider = head_setup
+    intruder = ClientSession.create(layout, input_bound=1.0)
+    intruder_keys = fhe.SerializeEvalAutomorphismKeyString(fhe.BINARY, intruder.key_tag)
+    intruder.close()  # its keys are no longer registered in this process: they are foreign now
+    header, payload = unframe(client.bundle(), 1)
+    cc_pk = payload[: sum(header["part_sizes"][:2])]
+    forged = frame(1, dict(header, key_tag=client.key_tag,
+                           part_sizes=header["part_sizes"][:2] + [len(intruder_keys)]), cc_pk + intruder_keys)
+    with pytest.raises(LinalignError, match="foreign key tags"):
+        ProviderSession.load(forged, allowed_presets=TEST_ALLOWED)
+    provider.require_rotations(layout.rotation_indices())  # the honest session's keys survived
+
+
+def test_generic_vector_algebra_for_the_secure_fit(head_setup, rng):
+    """Σ_i w_i ⊙ Enc(v_i) and a scalar-weighted sum, as the secure fit composes them, decrypt to the numpy values."""
+    _, _, _, _, client, provider = head_setup
+    vectors = rng.uniform(-1, 1, (3, 100))
+    weights = rng.uniform(-2, 2, (3, 100))
+    cts = [provider.load_ciphertext(client.encrypt_vector(v)) for v in vectors]
+    acc = provider.multiply_plain(cts[0], weights[0])
+    for ct, w in zip(cts[1:], weights[1:]):
+        acc = provider.add(acc, provider.multiply_plain(ct, w))
+    np.testing.assert_allclose(client.decrypt_vector(provider.dump_ciphertext(acc), 100),
+                               (vectors * weights).sum(0), atol=1e-6)
+    wsum = provider.linear_sum(cts, [0.5, -1.0, 2.0])
+    np.testing.assert_allclose(client.decrypt_vector(provider.dump_ciphertext(wsum), 100),
+                               0.5 * vectors[0] - vectors[1] + 2 * vectors[2], atol=1e-6)
+    with pytest.raises(LinalignError, match="exceeds the bound 1"):
+        client.encrypt_vector(np.array([0.5, 1.5]))
+    with pytest.raises(LinalignError, match="3 ciphertexts and 2 weights"):
+        provider.linear_sum(cts, [1.0, 2.0])
+

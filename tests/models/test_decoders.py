@@ -1,0 +1,137 @@
+"""Decoder families against PyTorch transformers: tiny random models written by tests/fixtures/make_fixtures.py.
+
+Every case holds the same sequences right- and left-padded; our position ids follow the mask, HF was given the same
+position ids, so both paddings must match HF on the real tokens (max abs error <= 1e-4, float32).
+"""
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from linalign_jax.errors import LinalignError
+from linalign_jax.models import load_model, supported_model_types
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "decoders"
+CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "expected.npz").exists())
+TOL = 1e-4
+
+
+def test_every_family_has_a_case():
+    families = {json.loads((FIXTURES / c / "config.json").read_text())["model_type"] for c in CASES}
+    assert families >= {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2"}
+
+
+@pytest.fixture(scope="module", params=CASES)
+def case(request):
+    model = load_model(str(FIXTURES / request.param))
+    return request.param, model, dict(np.load(FIXTURES / request.param / "expected.npz"))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_matches_transformers(case, side):
+    name, model, expected = case
+    ids = jnp.asarray(expected[f"{side}_input_ids"], jnp.int32)
+    mask = jnp.asarray(expected[f"{side}_attention_mask"], jnp.int32)
+    out = model.forward(model.params, ids, mask, True)
+    real = expected[f"{side}_attention_mask"].astype(bool)
+    hidden = np.asarray(out.last_hidden_state)
+    logits = np.asarray(model.lm_head(model.params, out.last_hidden_state))
+    layers = np.stack([np.asarray(h) for h in out.hidden_states[:-1]])  # embeddings + all but the last layer
+    assert len(out.hidden_states) == model.config.num_layers + 1
+    np.testing.assert_allclose(hidden[real], expected[f"{side}_last_hidden_state"][real], atol=TOL, rtol=0)
+    np.testing.assert_allclose(logits[real], expected[f"{side}_logits"][real], atol=TOL, rtol=0)
+    np.testing.assert_allclose(layers[:, real], expected[f"{side}_hidden_states"][:, real], atol=TOL, rtol=0)
+
+
+def test_incremental_decoding_matches_full_forward(case):
+    """Prefill 5 tokens, then extend one token at a time: every step's logits equal the full pass (left padding)."""
+    name, model, expected = case
+    ids = jnp.asarray(expected["left_input_ids"], jnp.int32)
+    mask = jnp.asarray(expected["left_attention_mask"], jnp.int32)
+    full = np.asarray(model.lm_head(model.params, model.forward(model.params, ids, mask, True).last_hidden_state))
+    cache = model.init_cache(ids.shape[0], ids.shape[1] + 3)
+    out, cache = model.extend(model.params, ids[:, :5], mask[:, :5], cache)
+    steps = [out.last_hidden_state]
+    for t in range(5, ids.shape[1]):
+        out, cache = model.extend(model.params, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+        steps.append(out.last_hidden_state)
+    incremental = np.asarray(model.lm_head(model.params, jnp.concatenate(steps, axis=1)))
+    real = expected["left_attention_mask"].astype(bool)
+    np.testing.assert_allclose(incremental[real], full[real], atol=TOL, rtol=0)
+    assert int(cache.length) == ids.shape[1]
+    np.testing.assert_array_equal(np.asarray(cache.positions)[:, :ids.shape[1]],
+                                  np.where(real, np.cumsum(real, axis=1) - 1, -1))
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gemma3_sliding", "gpt2"])  # the dtype path is shared by all
+def test_bfloat16_tracks_float32(name):
+    model = load_model(str(FIXTURES / name))
+    expected = np.load(FIXTURES / name / "expected.npz")
+    model16 = load_model(str(FIXTURES / name), dtype="bfloat16")
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree_util.tree_leaves(model16.params))
+    ids = jnp.asarray(expected["right_input_ids"], jnp.int32)
+    mask = jnp.asarray(expected["right_attention_mask"], jnp.int32)
+    hidden = np.asarray(model16.forward(model16.params, ids, mask).last_hidden_state, np.float32)
+    real = expected["right_attention_mask"].astype(bool)
+    ref = expected["right_last_hidden_state"][real]
+    assert np.abs(hidden[real] - ref).max() <= 0.05 * np.abs(ref).max()
+    assert model16.fingerprint != model.fingerprint  # same weights, other numerics: features must not be shared
+
+
+def test_fingerprint_identifies_weights_and_config(tmp_path):
+    model = load_model(str(FIXTURES / "llama_gqa"))
+    assert load_model(str(FIXTURES / "llama_gqa")).fingerprint == model.fingerprint
+    assert load_model(str(FIXTURES / "llama_yarn_rope")).fingerprint != model.fingerprint
+    config = _copy_case(tmp_path, "llama_gqa") / "config.json"
+    assert load_model(str(tmp_path)).fingerprint == model.fingerprint  # where the files live does not matter
+    config.write_text(json.dumps({**json.loads(config.read_text()), "rms_norm_eps": 1e-3}))
+    assert load_model(str(tmp_path)).fingerprint != model.fingerprint
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    with pytest.raises(LinalignError, match="mamba.*supported: .*gemma3_text.*llama.*qwen3"):
+        load_model(str(tmp_path))
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2"} <= set(supported_model_types())
+
+
+def test_unsupported_dtype():
+    with pytest.raises(LinalignError, match="float16"):
+        load_model(str(FIXTURES / CASES[0]), dtype="float16")
+
+
+def _copy_case(tmp_path, name):
+    for f in (FIXTURES / name).iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    return tmp_path
+
+
+def test_missing_weights(tmp_path):
+    (_copy_case(tmp_path, "llama_gqa") / "model.safetensors").unlink()
+    with pytest.raises(LinalignError, match="no model.safetensors"):
+        load_model(str(tmp_path))
+
+
+def test_truncated_weights(tmp_path):
+    path = _copy_case(tmp_path, "llama_gqa") / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(LinalignError, match="truncated"):
+        load_model(str(tmp_path))
+
+
+def test_config_that_does_not_match_the_weights(tmp_path):
+    config = _copy_case(tmp_path, "llama_gqa") / "config.json"
+    hf = json.loads(config.read_text())
+    config.write_text(json.dumps({**hf, "intermediate_size": hf["intermediate_size"] * 2}))
+    with pytest.raises(LinalignError, match="shapes do not match"):
+        load_model(str(tmp_path))
+
+
+def test_wrong_family_for_checkpoint(tmp_path):
+    config = _copy_case(tmp_path, "qwen2_bias") / "config.json"  # qwen2 weights (with q/k/v biases) read as llama
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "llama"}))
+    with pytest.raises(LinalignError, match="no rule maps.*bias"):
+        load_model(str(tmp_path))

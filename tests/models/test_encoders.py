@@ -1,0 +1,147 @@
+"""BERT and MPNet against PyTorch transformers (tiny random models) and sentence-transformers (the real checkpoints).
+
+Fixtures come from tests/fixtures/encoder_fixtures.py (torch venv); see its docstring for what each file holds.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from linalign_jax.errors import LinalignError
+from linalign_jax.features import extract_features
+from linalign_jax.models import bert, checkpoint, load_model, mpnet
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "encoders"
+TINY = {"bert": FIXTURES / "bert_tiny", "mpnet": FIXTURES / "mpnet_tiny"}
+REAL = ("all-MiniLM-L6-v2", "all-mpnet-base-v2")
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def tiny(request):
+    return load_model(str(TINY[request.param])), np.load(TINY[request.param] / "expected.npz")
+
+
+def real_token_error(got, want, mask) -> float:
+    """Max |got - want| over real tokens (HF's states at padded slots are arbitrary)."""
+    return float(np.abs((np.asarray(got, np.float32) - want) * (mask[..., None] > 0)).max())
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_tiny_models_match_transformers(tiny, side):
+    model, expected = tiny
+    mask = expected[f"{side}_attention_mask"]
+    out = model.forward(model.params, expected[f"{side}_input_ids"].astype(np.int32), mask.astype(np.int32),
+                        output_hidden_states=True)
+    assert model.family in ("bert", "mpnet") and not model.is_decoder
+    assert real_token_error(out.last_hidden_state, expected[f"{side}_last_hidden_state"], mask) <= TOLERANCE
+    want_layers = expected[f"{side}_hidden_states"]
+    assert len(out.hidden_states) == len(want_layers) == model.config.num_hidden_layers + 1
+    for got, want in zip(out.hidden_states, want_layers):
+        assert real_token_error(got, want, mask) <= TOLERANCE
+
+
+def test_padding_side_and_filler_rows_do_not_change_real_tokens(tiny):
+    model, expected = tiny
+    right = expected["right_attention_mask"].astype(np.int32)
+    left = expected["left_attention_mask"].astype(np.int32)
+    ids_r, ids_l = expected["right_input_ids"].astype(np.int32), expected["left_input_ids"].astype(np.int32)
+    # A filler row with no real token, as extraction adds to fill a batch, must not produce NaN or disturb others.
+    ids_r = np.concatenate([ids_r, np.full_like(ids_r[:1], model.pad_token_id)])
+    right = np.concatenate([right, np.zeros_like(right[:1])])
+    out_r = np.asarray(model.forward(model.params, ids_r, right).last_hidden_state)
+    out_l = np.asarray(model.forward(model.params, ids_l, left).last_hidden_state)
+    assert np.isfinite(out_r).all()
+    for b in range(left.shape[0]):
+        assert np.abs(out_r[b][right[b] > 0] - out_l[b][left[b] > 0]).max() <= 1e-5
+
+
+def test_mpnet_relative_buckets_match_transformers():
+    relative = np.arange(-700, 701)  # the span encoder_fixtures.py wrote
+    np.testing.assert_array_equal(mpnet.relative_position_bucket(relative, 32), np.load(FIXTURES / "mpnet_buckets.npy"))
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_models_match_sentence_transformers(name):
+    """Mean-pooled, normalized embeddings of the real checkpoints: cosine >= 0.9999 with sentence-transformers."""
+    meta = json.loads((FIXTURES / "real" / "sentences.json").read_text())
+    reference = np.load(FIXTURES / "real" / f"{name}.npy")
+    model = load_model(name)
+    features = extract_features(model, meta["sentences"], pooling="mean", normalize=True,
+                                max_length=meta["models"][name]["max_seq_length"], batch_size=4, progress=False)
+    cosine = np.sum(features.array * reference, axis=-1)
+    assert features.array.shape == reference.shape and features.metadata["truncated"] == 0
+    assert cosine.min() >= 0.9999, cosine
+
+
+def test_task_checkpoint_prefix_and_bfloat16(tmp_path):
+    """A BertForX checkpoint ("bert."-prefixed names, an extra head) loads; bfloat16 stays close to float32."""
+    model_dir = tmp_path / "bert_prefixed"
+    shutil.copytree(TINY["bert"], model_dir)
+    tensors = {f"bert.{k}": np.array(v) for k, v in checkpoint.read_checkpoint(TINY["bert"]).items()}
+    tensors["cls.predictions.bias"] = np.zeros(3, np.float32)
+    checkpoint.write_safetensors(model_dir / "model.safetensors", tensors)
+    expected = np.load(TINY["bert"] / "expected.npz")
+    ids, mask = expected["right_input_ids"].astype(np.int32), expected["right_attention_mask"].astype(np.int32)
+    for dtype, tolerance in (("float32", TOLERANCE), ("bfloat16", 0.1)):
+        model = bert.load(model_dir, spec="prefixed", dtype=dtype)
+        out = model.forward(model.params, ids, mask).last_hidden_state
+        assert str(out.dtype) == dtype
+        assert real_token_error(out, expected["right_last_hidden_state"], mask) <= tolerance
+
+
+def copy_with(tmp_path, family: str, tensors=None, config_changes=None) -> Path:
+    model_dir = tmp_path / family
+    shutil.copytree(TINY[family], model_dir)
+    if tensors is not None:
+        checkpoint.write_safetensors(model_dir / "model.safetensors", tensors)
+    if config_changes:
+        config = json.loads((model_dir / "config.json").read_text())
+        (model_dir / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return model_dir
+
+
+def test_missing_tensor_is_an_error(tmp_path):
+    tensors = dict(checkpoint.read_checkpoint(TINY["mpnet"]))
+    del tensors["encoder.relative_attention_bias.weight"]
+    with pytest.raises(LinalignError, match="relative_attention_bias"):
+        mpnet.load(copy_with(tmp_path, "mpnet", tensors=tensors), spec="broken")
+
+
+def test_wrong_architecture_is_an_error(tmp_path):
+    """MPNet weights under a BERT config: the table finds neither BERT's names nor a use for MPNet's."""
+    tensors = checkpoint.read_checkpoint(TINY["mpnet"])
+    with pytest.raises(LinalignError, match="lacks"):
+        bert.load(copy_with(tmp_path, "bert", tensors=dict(tensors)), spec="mismatch")
+
+
+def test_shape_mismatch_is_an_error(tmp_path):
+    with pytest.raises(LinalignError, match="shapes do not match"):
+        bert.load(copy_with(tmp_path, "bert", config_changes={"intermediate_size": 40}), spec="bad-config")
+
+
+def test_truncated_weights_are_an_error(tmp_path):
+    model_dir = copy_with(tmp_path, "bert")
+    data = (model_dir / "model.safetensors").read_bytes()
+    (model_dir / "model.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(LinalignError, match="truncated"):
+        bert.load(model_dir, spec="truncated")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"hidden_act": "swish"}, "hidden_act"),
+    ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
+    ({"num_attention_heads": 5}, "num_attention_heads"),
+])
+def test_unsupported_configs_are_errors(tmp_path, changes, message):
+    with pytest.raises(LinalignError, match=message):
+        bert.load(copy_with(tmp_path, "bert", config_changes=changes), spec="unsupported")
+
+
+def test_unsupported_dtype_is_an_error():
+    with pytest.raises(LinalignError, match="float16"):
+        bert.load(TINY["bert"], spec="tiny", dtype="float16")

@@ -1,0 +1,66 @@
+"""End to end: `experiments.align` on a real model (MiniLM, as both parties so the test stays fast) and small local
+datasets; then a run that fails after extraction must leave no results file, not even a stale one."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from linalign_jax.align import load_map
+
+TOPICS = ["Paris", "rivers", "the moon", "chess", "volcanoes", "jazz", "bread", "glaciers", "tigers", "painting",
+          "trains", "coffee", "the ocean", "gardens", "bridges", "winter"]
+
+
+def _write(tmp_path):
+    rows = [(f"What do you know about {t}?", "question") for t in TOPICS] + \
+           [(f"Where can I learn about {t}?", "question") for t in TOPICS] + \
+           [(f"I really loved the film about {t}.", "opinion") for t in TOPICS] + \
+           [(f"That story about {t} was boring.", "opinion") for t in TOPICS]
+    for name, data in (("task.csv", rows), ("ood.csv", [(f"Stock {i} fell by {i % 7} points", "x" if i % 2 else "y")
+                                                         for i in range(40)])):
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            w.writerows(data)
+    (tmp_path / "public.txt").write_text("\n".join(f"A note on {t}, number {i}." for i in range(4) for t in TOPICS))
+
+
+def _run(tmp_path, *extra):
+    cmd = [sys.executable, "-m", "experiments.align", "--source_model=all-MiniLM-L6-v2",
+           "--target_model=all-MiniLM-L6-v2", f"--task_data={tmp_path / 'task.csv'}",
+           f"--ood_data={tmp_path / 'ood.csv'}", f"--public_data={tmp_path / 'public.txt'}", "--max_length=32",
+           "--shots=4", "--seeds=0,1,2", f"--out_dir={tmp_path / 'out'}", f"--feature_cache={tmp_path / 'cache'}",
+           *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def test_main_job_end_to_end_and_interrupted_run(tmp_path):
+    _write(tmp_path)
+    done = _run(tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is True
+    assert set(results) >= {"command", "config", "models", "data", "settings", "similarity", "timing"}
+    assert results["setting_ids"] == ["native", "task_map", "public", "public+id@4", "few_shot@4"]
+    assert set(results["settings"]) == set(results["setting_ids"])
+    for entry in results["settings"].values():
+        assert len(entry["per_seed"]) == 3
+    native, task_map = results["settings"]["native"]["mean"], results["settings"]["task_map"]["mean"]
+    assert native["accuracy"] >= 0.9
+    assert task_map["accuracy"] >= native["accuracy"] - 0.05  # same model on both sides: the map is ~identity
+    assert task_map["map"]["r2"] > 0.9
+    assert results["similarity"]["linear_cka"] == pytest.approx(1.0, abs=1e-4)
+    assert "## Task-supervised map (paper Table 1)" in (out / "results.md").read_text()
+    assert (out / "accuracy.png").stat().st_size > 0
+    fp = results["models"]["source"]["fingerprint"]
+    affine, meta = load_map(out / "maps" / "task_map", source=fp, target=fp, source_dim=384, target_dim=384)
+    assert meta["setting"] == "task_map" and meta["method"] == "ridge" and meta["lambda"] > 0
+
+    # Fails after extraction (cached now): 40 shots per class > 24 train rows per class.
+    failed = _run(tmp_path, "--per_class_shots", "--shots=40")
+    assert failed.returncode == 2
+    assert "40 shots per class requested" in failed.stderr
+    assert not (out / "results.json").exists() and not (out / "results.md").exists()
