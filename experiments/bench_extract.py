@@ -6,7 +6,9 @@ token ids, in one run.
     python -m experiments.bench_extract --random_llama8b --dtype=bfloat16 --batch=16 --length=512   # GPU machine
 
 The JAX side is exactly what `extract_features` runs per batch (`features.pooled_forward`: forward, pooling, rows
-sharded over the local devices); tokenization is excluded on both sides. The PyTorch side runs
+sharded over the local devices); tokenization is excluded on both sides. Each timed batch is timed alone (wall and
+process CPU time) and rates come from the median batch, which a shared, loaded machine disturbs least; the JSON also
+has every batch's times and the mean rate. The PyTorch side runs
 experiments/bench_extract_torch.py in a subprocess, first (so the two never hold the GPU at once), with
 --torch_python: the oracle venv (.venv-oracle) on CPU, this interpreter on the GPU machine. On CPU both sides get
 --threads threads (XLA's CPU thread pool is restricted to match torch.set_num_threads).
@@ -147,14 +149,26 @@ def run_jax(model, ids, pooling: str) -> dict:
     for _ in range(FLAGS.warmup):
         pooled = step(params, ids_dev, mask_dev).block_until_ready()
     warmup_seconds = time.perf_counter() - compile_start
-    start, cpu_start = time.perf_counter(), time.process_time()
+    wall, cpu = [], []
     for _ in range(FLAGS.n_batches):
-        out = step(params, ids_dev, mask_dev)
-    out.block_until_ready()
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    return {"tokens_per_second": ids.size * FLAGS.n_batches / seconds, "seconds": seconds, "cpu_seconds": cpu_seconds,
-            "warmup_seconds": warmup_seconds, "pooled_head": np.asarray(pooled[:2], np.float32).tolist(),
-            "jax": jax.__version__, "device": mesh.devices.flat[0].device_kind, "devices": int(mesh.devices.size)}
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step(params, ids_dev, mask_dev).block_until_ready()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+    return {"batch_seconds": wall, "batch_cpu_seconds": cpu, "warmup_seconds": warmup_seconds,
+            "pooled_head": np.asarray(pooled[:2], np.float32).tolist(), "jax": jax.__version__,
+            "device": mesh.devices.flat[0].device_kind, "devices": int(mesh.devices.size)}
+
+
+def summarize(side: dict, tokens: int, flops: float, peak) -> None:
+    """Per-side rates from the median batch (robust to load spikes on a shared machine) and from the mean."""
+    import numpy as np
+
+    wall, cpu = np.median(side["batch_seconds"]), np.median(side["batch_cpu_seconds"])
+    side.update(median_seconds=float(wall), median_cpu_seconds=float(cpu), tokens_per_second=tokens / wall,
+                tokens_per_cpu_second=tokens / cpu, mean_tokens_per_second=tokens / np.mean(side["batch_seconds"]),
+                tflops=flops / wall / 1e12)
+    side["mfu"] = side["tflops"] / peak if peak else None
 
 
 def peak_tflops(device_kind: str):
@@ -166,17 +180,19 @@ def peak_tflops(device_kind: str):
 
 
 def markdown(result: dict) -> str:
-    lines = ["| impl | device | dtype | batch × length | tokens/s | s/batch | CPU s/batch | TFLOP/s | MFU |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| impl | device | dtype | batch × length | tokens/s | s/batch | tokens/CPU-s | CPU s/batch | TFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in result["sides"].items():
         mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "—"
         lines.append(f"| {name} | {row['device']} | {result['dtype']} | {result['batch']} × {result['length']} | "
-                     f"{row['tokens_per_second']:,.0f} | {row['seconds'] / result['n_batches']:.3f} | "
-                     f"{row['cpu_seconds'] / result['n_batches']:.3f} | {row['tflops']:.2f} | {mfu} |")
+                     f"{row['tokens_per_second']:,.0f} | {row['median_seconds']:.3f} | "
+                     f"{row['tokens_per_cpu_second']:,.0f} | {row['median_cpu_seconds']:.3f} | {row['tflops']:.2f} | "
+                     f"{mfu} |")
     if "speedup" in result:
         lines.append(f"\nJAX / PyTorch tokens/s: **{result['speedup']:.2f}×** ({result['model']}; "
-                     f"CPU-time ratio {result['speedup_cpu_time']:.2f}×; max |Δ pooled| {result['pooled_max_abs_diff']}; "
-                     f"load average {result['load_average']} on {result['cpu_count']} cores)")
+                     f"by CPU time {result['speedup_cpu_time']:.2f}×; medians over {result['n_batches']} batches; "
+                     f"max |Δ pooled| {result['pooled_max_abs_diff']}; load average {result['load_average']} on "
+                     f"{result['cpu_count']} cores)")
     return "\n".join(lines)
 
 
@@ -217,12 +233,11 @@ def main(argv):
     result.update(backend=jax.default_backend(), device_kind=device_kind, flops_per_batch=flops, peak_tflops=peak,
                   pooling=pooling)
     for side in result["sides"].values():
-        side["tflops"] = flops * FLAGS.n_batches / side["seconds"] / 1e12
-        side["mfu"] = side["tflops"] / peak if peak else None
+        summarize(side, ids.size, flops, peak)
     if "pytorch" in result["sides"]:
         jax_side, torch_side = result["sides"]["jax"], result["sides"]["pytorch"]
         result["speedup"] = jax_side["tokens_per_second"] / torch_side["tokens_per_second"]
-        result["speedup_cpu_time"] = torch_side["cpu_seconds"] / jax_side["cpu_seconds"]
+        result["speedup_cpu_time"] = jax_side["tokens_per_cpu_second"] / torch_side["tokens_per_cpu_second"]
         diff = np.abs(np.asarray(jax_side["pooled_head"]) - np.asarray(torch_side["pooled_head"])).max()
         # Random weights are drawn independently on each side: only a loaded checkpoint gives comparable outputs.
         result["pooled_max_abs_diff"] = None if FLAGS.random_llama8b else float(f"{diff:.3g}")

@@ -8,8 +8,8 @@ linalign_jax). One argument: a JSON object with
     ids            .npy file of int32 token ids [batch, length] (the same ids the JAX side runs)
     n_batches, warmup, dtype ("float32" | "bfloat16"), threads (0: torch's default),
     pooling ("mean" | "last")
-The device is CUDA when torch sees one, else the CPU. Output: {"tokens_per_second", "seconds", "cpu_seconds", "pooled_head": first rows' pooled features (for a parity
-check), "torch", "transformers", "device", "attn_implementation"}.
+The device is CUDA when torch sees one, else the CPU. Output: {"batch_seconds", "batch_cpu_seconds" (wall and
+process CPU time of each timed batch), "pooled_head" (first rows' pooled features, for a parity check), "torch", "transformers", "device", "attn_implementation"}.
 """
 import json
 import sys
@@ -55,12 +55,14 @@ def main(spec: dict) -> dict:
     with torch.inference_mode():
         for _ in range(spec["warmup"]):
             pooled = step()
-        start, cpu_start = time.perf_counter(), time.process_time()
+        wall, cpu = [], []
         for _ in range(spec["n_batches"]):
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    return {"tokens_per_second": ids.numel() * spec["n_batches"] / seconds, "seconds": seconds,
-            "cpu_seconds": cpu_seconds, "pooled_head": pooled[:2].cpu().numpy().tolist(), "torch": torch.__version__,
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu_start)
+    return {"batch_seconds": wall, "batch_cpu_seconds": cpu, "pooled_head": pooled[:2].cpu().numpy().tolist(),
+            "torch": torch.__version__,
             "transformers": transformers.__version__, "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "attn_implementation": getattr(model.config, "_attn_implementation", None)}

@@ -136,13 +136,13 @@ def test_metric_definition_on_a_hand_computed_case():
     assert result.boundary_match == pytest.approx(2 * 2 / 7)        # spans (0,1) and (2,3)
 
 
-def test_bad_tokenizers_are_errors(gemma):
+def test_bad_tokenizers_are_errors(smol):
     with pytest.raises(LinalignError, match="no character offsets"):
         tc.as_fast_tokenizer(object(), "source tokenizer")
     from transformers import PreTrainedTokenizerFast
-    assert tc.as_fast_tokenizer(PreTrainedTokenizerFast(tokenizer_object=gemma)) is not None
+    assert tc.as_fast_tokenizer(PreTrainedTokenizerFast(tokenizer_object=smol)) is not None
     fixture = Path(__file__).parent / "fixtures" / "decoders" / "llama_gqa" / "tokenizer.json"
     with pytest.raises(LinalignError, match="not supported for streaming"):
         tc.token_byte_table(tokenizers.Tokenizer.from_file(str(fixture)))  # WordLevel, no decoder
     with pytest.raises(LinalignError, match="at least one non-empty"):
-        tc.tokenizer_compatibility(gemma, gemma, ["", ""])
+        tc.tokenizer_compatibility(smol, smol, ["", ""])

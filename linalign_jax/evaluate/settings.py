@@ -107,6 +107,7 @@ def run_settings(feats: TaskFeatures, ids: Sequence[str], seeds: Sequence[int], 
     needs_public = any(i == "public" or i.startswith("public+id") for i in ids)
     if needs_public and feats.public is None:
         raise LinalignError("public / public+id settings need public-corpus features")
+    # Maps that depend on nothing random (no shots, closed-form method) are fitted once and reused across seeds.
     deterministic = map_config.method != "optax"
     public_stats = None
     if needs_public and map_config.method in ("ridge", "rrr"):
@@ -135,7 +136,7 @@ def run_settings(feats: TaskFeatures, ids: Sequence[str], seeds: Sequence[int], 
                     record = _evaluate(target_head, feats.test.target, feats.test_labels,
                                        None if feats.ood is None else feats.ood.target)
                 else:
-                    if not (deterministic and sid in fitted):
+                    if not (deterministic and shots is None and sid in fitted):
                         fitted[sid] = _fit_setting(name, shots, feats, map_config, public_stats, sub,
                                                    per_class_shots)
                         if on_map is not None and len(results[sid]["per_seed"]) == 0:

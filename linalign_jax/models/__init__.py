@@ -31,8 +31,8 @@ def _decoder_loader(family) -> Callable[..., LoadedModel]:
         tensors = getattr(family, "normalize_names", lambda t: t)(tensors)
         params = checkpoint.params_from_tensors(tensors, family.rules(config), config.num_layers,
                                                 config.compute_dtype, family.ignore(config), config.family)
-        checkpoint.check_shapes(params, jax.eval_shape(functools.partial(core.init_params, config), jax.random.PRNGKey(0)),
-                                config.family)
+        expected = jax.eval_shape(functools.partial(core.init_params, config), jax.random.PRNGKey(0))
+        checkpoint.check_shapes(params, expected, config.family)
         params = core.with_head_kernel(config, jax.tree_util.tree_map(jax.numpy.asarray, params))
         # The weights (a materialised GGUF by the GGUF file's hash) and the config as run, dtype included: the same
         # weights under another RoPE scaling or precision give other features.

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 
 from linalign_jax.errors import LinalignError
-from linalign_jax.io_utils import sha256_bytes
 from linalign_jax.models import checkpoint, core
 from linalign_jax.models.base import LoadedModel, ModelOutput
 from linalign_jax.models.tokenizer import load_tokenizer
@@ -99,6 +98,13 @@ class BertConfig(EncoderConfigBase):
                                 "expected 'absolute'")
 
 
+def check_length(length: int, max_tokens: int) -> None:
+    """Learned position tables end: a longer (static) sequence would silently read clipped positions."""
+    if length > max_tokens:
+        raise LinalignError(f"sequence length {length} exceeds the {max_tokens} positions this model has; "
+                            f"use max_length <= {max_tokens}")
+
+
 def padding_bias(attention_mask: jax.Array) -> jax.Array:
     """[B, T] 0/1 mask -> [B, 1, 1, T] float32 additive bias hiding padded keys from every query."""
     return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, MASKED_SCORE).astype(jnp.float32)
@@ -160,6 +166,7 @@ class BertEncoder(nn.Module):
         def embed(num, name):
             return nn.Embed(num, cfg.hidden_size, dtype=cfg.compute_dtype, name=name)
 
+        check_length(input_ids.shape[1], cfg.max_position_embeddings)
         position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
         x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
              + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
@@ -220,21 +227,19 @@ def load_encoder(model_dir: Path, *, spec: str, dtype: str, family: str, config_
     ids = jnp.zeros((1, 2), jnp.int32)
     checkpoint.check_shapes(params, jax.eval_shape(module.init, jax.random.PRNGKey(0), ids, ids + 1)["params"],
                             family)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)  # before the jit below: a missing tokenizer.json fails fast
 
     @functools.partial(jax.jit, static_argnums=(3,))
     def forward(params, input_ids, attention_mask, output_hidden_states=False):
         return module.apply({"params": params}, input_ids, attention_mask, output_hidden_states)
 
     return LoadedModel(spec=spec, family=family, config=config, module=module,
-                       params=jax.tree_util.tree_map(jnp.asarray, params),
-                       tokenizer=tokenizer,
-                       fingerprint=fingerprint(model_dir, config, family),
-                       is_decoder=False, pad_token_id=config.pad_token_id, dtype=dtype, forward_fn=forward)
+                       params=jax.tree_util.tree_map(jnp.asarray, params), tokenizer=tokenizer,
+                       fingerprint=fingerprint(model_dir, config, family), is_decoder=False,
+                       pad_token_id=config.pad_token_id, dtype=dtype, forward_fn=forward)
 
 
 def fingerprint(model_dir: Path, config, family: str) -> str:
     """Weights and the config as run (dtype included): the same weights in bfloat16 give other features."""
     hashes = [checkpoint.cached_sha256(f) for f in checkpoint.weight_files(model_dir)]
-    config_hash = sha256_bytes(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
-    return checkpoint.fingerprint_from_hashes(hashes + [config_hash], family)
+    return checkpoint.fingerprint_from_hashes(hashes + [core.config_hash(config)], family)

@@ -17,7 +17,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -73,7 +73,8 @@ def write_safetensors(path: str | os.PathLike, tensors: Dict[str, np.ndarray]) -
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
         blob = arr.tobytes()
-        header[name] = {"dtype": names[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
+        header[name] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
         offset += len(blob)
         blobs.append(blob)
     head = json.dumps(header, separators=(",", ":")).encode()

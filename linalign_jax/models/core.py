@@ -10,11 +10,12 @@ All attention goes through one `attend` that masks by *position ids*: a key is v
 mask (cumsum - 1), which makes left and right padding give identical states for the real tokens, and lets the same
 code serve both the full forward pass and incremental decoding.
 
-Incremental decoding (the generation stage builds on this):
+Incremental decoding (the generation stage builds on this; `LoadedModel.init_cache` / `.extend` / `.lm_head` are
+these functions with the config bound and jitted):
 
     cache = init_cache(config, batch_size, max_length)              # KVCache, static shapes [L, B, S, K, D]
     out, cache = extend(config, params, prompt_ids, prompt_mask, cache)   # prefill: T prompt tokens at once
-    logits = lm_head(config, params, out.last_hidden_state[:, -1])
+    logits = lm_head(config, params, out.last_hidden_state[:, -1])  # [B, vocab] float32
     out, cache = extend(config, params, next_ids[:, None], jnp.ones_like(next_ids)[:, None], cache)  # one step
 
 `extend` writes the new keys/values at slots [cache.length, cache.length + T) and attends over the whole buffer, so
@@ -29,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -160,7 +161,8 @@ class DecoderConfig:
         if not self.layer_types:
             object.__setattr__(self, "layer_types", (FULL,) * self.num_layers)
         if len(self.layer_types) != self.num_layers or set(self.layer_types) - {FULL, SLIDING}:
-            raise LinalignError(f"layer_types must be {self.num_layers} of {FULL!r}/{SLIDING!r}, got {self.layer_types}")
+            raise LinalignError(
+                f"layer_types must be {self.num_layers} of {FULL!r}/{SLIDING!r}, got {self.layer_types}")
         if SLIDING in self.layer_types and not self.sliding_window:
             raise LinalignError("sliding_attention layers need a positive sliding_window")
 

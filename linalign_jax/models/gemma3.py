@@ -51,7 +51,8 @@ def rules(config: DecoderConfig) -> Tuple[Rule, ...]:
 def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
     hf = dict(hf.get("text_config") or hf)  # a multimodal config nests the text model's
     if hf.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise LinalignError(f"gemma3 hidden_activation {hf['hidden_activation']!r} unsupported; expected gelu_pytorch_tanh")
+        raise LinalignError(
+            f"gemma3 hidden_activation {hf['hidden_activation']!r} unsupported; expected gelu_pytorch_tanh")
     hf.setdefault("tie_word_embeddings", True)
     hf["hidden_act"] = "silu"  # decoder_fields checks the llama activation; gemma's is checked above
     if hf.get("layer_types") is None:

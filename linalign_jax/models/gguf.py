@@ -74,7 +74,8 @@ def config_from_metadata(md: Dict[str, Any], tensor_names) -> Dict[str, Any]:
     """An HF-style config.json dict for the architectures we support, from llama.cpp's metadata keys."""
     arch = md.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise LinalignError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise LinalignError(
+            f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     if "rope_freqs.weight" in tensor_names:
         raise LinalignError("this GGUF stores llama3 RoPE scaling as a rope_freqs tensor, which is not supported; "
                             "load the HF safetensors checkpoint instead")

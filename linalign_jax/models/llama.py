@@ -6,7 +6,7 @@ per layer type for gemma3), and `GLOBAL_RULES` / `LAYER_RULES` are the checkpoin
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 from linalign_jax.errors import LinalignError
 from linalign_jax.models.checkpoint import Rule

@@ -76,6 +76,7 @@ class MPNetEncoder(nn.Module):
         def embed(num, features, name):
             return nn.Embed(num, features, dtype=cfg.compute_dtype, name=name)
 
+        bert.check_length(input_ids.shape[1], cfg.max_position_embeddings - HF_PADDING_IDX - 1)
         position_ids = jnp.cumsum(attention_mask, axis=-1) * attention_mask + HF_PADDING_IDX
         x = (embed(cfg.vocab_size, cfg.hidden_size, "word_embeddings")(input_ids)
              + embed(cfg.max_position_embeddings, cfg.hidden_size, "position_embeddings")(position_ids))

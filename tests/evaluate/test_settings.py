@@ -43,6 +43,8 @@ def test_all_settings_over_three_seeds():
     assert res["task_map"]["mean"]["accuracy"] > res["native"]["mean"]["accuracy"] - 0.05
     assert res["task_map"]["mean"]["map"]["r2"] > 0.8
     assert res["public+id@12"]["per_seed"][0]["map"]["map_rows"] == 212
+    assert res["public+id@12"]["std"]["map"]["r2"] > 0  # fresh shots, hence a fresh map, per seed
+    assert res["public"]["std"]["map"]["r2"] == 0        # closed-form map on fixed rows: fitted once
     assert res["few_shot@6"]["per_seed"][0]["head_rows"] == 6
 
 

@@ -142,6 +142,16 @@ def test_unsupported_configs_are_errors(tmp_path, changes, message):
         bert.load(copy_with(tmp_path, "bert", config_changes=changes), spec="unsupported")
 
 
+@pytest.mark.parametrize("family, positions", [("bert", 64), ("mpnet", 64)])  # max_position_embeddings 64 / 66
+def test_sequences_beyond_the_position_table_are_errors(family, positions):
+    model = load_model(str(TINY[family]))
+    ok = np.ones((1, positions), np.int32) * 5
+    assert model.forward(model.params, ok, np.ones_like(ok)).last_hidden_state.shape == (1, positions, 32)
+    too_long = np.ones((1, positions + 1), np.int32) * 5
+    with pytest.raises(LinalignError, match=f"exceeds the {positions} positions"):
+        model.forward(model.params, too_long, np.ones_like(too_long))
+
+
 def test_unsupported_dtype_is_an_error():
     with pytest.raises(LinalignError, match="float16"):
         bert.load(TINY["bert"], spec="tiny", dtype="float16")

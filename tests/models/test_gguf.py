@@ -99,13 +99,14 @@ def test_greedy_continuation_with_kv_cache(real):
 
 
 def test_materialised_cache_is_reused(real):
-    name, model, _, _ = real
+    name, model, _, meta = real
     from linalign_jax.assets import resolve_model
 
-    path = resolve_model(name)
-    target = gguf.materialize(path)  # already built by the fixture's load: must return without rebuilding
-    assert gguf.source_of(target)[1] == json.loads((target / gguf.SOURCE_FILE).read_text())["sha256"]
-    assert load_model(str(path)).fingerprint == model.fingerprint
+    target = gguf.materialize(resolve_model(name))  # built by the fixture's load_model
+    weights = target / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert gguf.materialize(resolve_model(name)) == target and weights.stat().st_mtime_ns == before
+    assert gguf.source_of(target)[1] == meta["gguf_sha256"]  # keyed by the GGUF the references came from
 
 
 # ---------------------------------------------------------------------------------------- synthetic GGUF files
@@ -123,6 +124,7 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 
 def write_gguf(path: Path, arch: str, tensors: dict, raw_types: dict = ()) -> Path:
+    """A minimal one-layer GGUF file (metadata + the given tensors), enough to reach each error path."""
     writer = gguf_lib.GGUFWriter(str(path), arch)
     writer.add_block_count(1)
     writer.add_embedding_length(8)
@@ -143,7 +145,8 @@ def write_gguf(path: Path, arch: str, tensors: dict, raw_types: dict = ()) -> Pa
     return path
 
 
-def test_unsupported_gguf_architecture(tmp_path):
+def test_unsupported_gguf_architecture(tmp_path, monkeypatch):
+    monkeypatch.setenv("LINALIGN_CACHE", str(tmp_path / "cache"))
     path = write_gguf(tmp_path / "m.gguf", "mamba", {"token_embd.weight": np.zeros((16, 8), np.float32)})
     with pytest.raises(LinalignError, match="'mamba'.*supported: llama, qwen2, qwen3, gemma3"):
         gguf.materialize(path)
@@ -152,7 +155,7 @@ def test_unsupported_gguf_architecture(tmp_path):
 def test_quantisation_gguf_cannot_dequantise(tmp_path, monkeypatch):
     monkeypatch.setenv("LINALIGN_CACHE", str(tmp_path / "cache"))
     q8_1 = gguf_lib.GGMLQuantizationType.Q8_1  # gguf 0.19 has no dequantiser for it
-    block, type_size = gguf_lib.GGML_QUANT_SIZES[q8_1]
+    _, type_size = gguf_lib.GGML_QUANT_SIZES[q8_1]
     path = write_gguf(tmp_path / "q.gguf", "llama", {"token_embd.weight": np.zeros((16, type_size), np.uint8)},
                       raw_types={"token_embd.weight": q8_1})
     with pytest.raises(LinalignError, match="token_embd.weight.*Q8_1.*cannot dequantise"):
