@@ -54,12 +54,9 @@ flags.DEFINE_integer("data_seed", 0, "seed of the dataset split and the public-s
 
 
 def _embed(texts: list[str]) -> np.ndarray:
-    from experiments.helix_data import embed
+    from experiments.helix_data import embed_with_flags
 
-    if not FLAGS.model:
-        raise LinalignError("--model is required unless embeddings are given as .npy files")
-    return embed(FLAGS.model, texts, {k: getattr(FLAGS, k) for k in ("pooling", "normalize", "max_length",
-                                                                       "batch_size", "dtype")})
+    return embed_with_flags(FLAGS, texts, "unless embeddings are given as .npy files")
 
 
 def _load_npy(path: str, what: str) -> np.ndarray:

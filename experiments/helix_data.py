@@ -21,6 +21,18 @@ def embed(spec: str, texts: Sequence[str], cfg: Mapping) -> np.ndarray:
                            batch_size=cfg["batch_size"]).array
 
 
+EMBED_FLAGS = ("pooling", "normalize", "max_length", "batch_size", "dtype")
+
+
+def embed_with_flags(flag_values, texts: Sequence[str], missing_model: str) -> np.ndarray:
+    """`embed` with the binary's --model and extraction flags; `missing_model` says why --model is needed."""
+    from linalign_jax.errors import LinalignError
+
+    if not flag_values.model:
+        raise LinalignError(f"--model is required {missing_model}")
+    return embed(flag_values.model, texts, {k: getattr(flag_values, k) for k in EMBED_FLAGS})
+
+
 def subsample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     """Sorted indices of a stratified subsample of `limit` rows (all rows when limit is 0 or ≥ N)."""
     from linalign_jax.data.splits import stratified_split

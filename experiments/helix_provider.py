@@ -54,12 +54,9 @@ flags.DEFINE_integer("fit_block", 4096, "public-set samples per fit ciphertext (
 
 
 def _embed(texts: list[str]) -> np.ndarray:
-    from experiments.helix_data import embed
+    from experiments.helix_data import embed_with_flags
 
-    if not FLAGS.model:
-        raise LinalignError("--model is required to train a head or embed the public set")
-    return embed(FLAGS.model, texts, {k: getattr(FLAGS, k) for k in ("pooling", "normalize", "max_length",
-                                                                       "batch_size", "dtype")})
+    return embed_with_flags(FLAGS, texts, "to train a head or embed the public set")
 
 
 def load_or_train_head():

@@ -14,7 +14,6 @@ from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from linalign_jax import tokenizer_compat
 from linalign_jax.align.maps import AffineMap, load_map
