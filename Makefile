@@ -35,14 +35,16 @@ demo: venv
 demo-helix: venv
 	$(PY) -m experiments.helix_demo --flagfile=configs/helix_demo.flags
 
-# Benchmarks print a markdown table and write JSON under runs/bench/ (numbers are machine-dependent).
-bench: venv
+# Benchmarks print a markdown table and write JSON under runs/bench/ (numbers are machine-dependent);
+# the PyTorch side of bench_extract runs in the oracle venv.
+bench: venv oracle
 	mkdir -p runs/bench
 	$(PY) -m experiments.bench_helix --d=4096 --k=20 --json_out=runs/bench/helix_d4096_k20.json
 	$(PY) -m experiments.bench_ridge --out=runs/bench/ridge.json
 	$(PY) -m experiments.bench_extract --model=all-MiniLM-L6-v2 --json_out=runs/bench/extract_minilm.json
 
-# Torch oracle (Python 3.11 + the local torch==2.13.0 CPU wheel): only for regenerating golden fixtures, never in CI.
+# Torch oracle (Python 3.11 + the local torch==2.13.0 CPU wheel): golden fixtures and the PyTorch side of
+# benchmarks only, never in CI.
 ORACLE := .venv-oracle
 oracle: $(ORACLE)/.installed
 $(ORACLE)/.installed:
