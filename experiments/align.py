@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from linalign_jax.errors import LinalignError
+from linalign_jax.errors import LinalignError, exit_on_bad_input
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source_model", None, "Party B's model spec (asset name, hub id or local path)")
@@ -188,12 +188,9 @@ def run(cfg: dict, command: str) -> dict:
 
 
 def config_from_flags() -> dict:
-    lam = FLAGS.ridge_lambda
-    if lam != "auto":
-        try:
-            lam = float(lam)
-        except ValueError:
-            raise LinalignError(f"--ridge_lambda must be a float > 0 or 'auto', got {lam!r}") from None
+    from linalign_jax.align.ridge import parse_lambda
+
+    lam = parse_lambda(FLAGS.ridge_lambda)
     try:
         shots = [int(s) for s in FLAGS.shots]
         seeds = [int(s) for s in FLAGS.seeds]
@@ -210,11 +207,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     command = "python -m experiments.align " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    try:
+    with exit_on_bad_input():
         results = run(config_from_flags(), command)
-    except LinalignError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     out = Path(FLAGS.out_dir)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'} in {results['timing']['total_s']:.0f}s",
           file=sys.stderr)

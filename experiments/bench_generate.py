@@ -17,7 +17,7 @@ import time
 import jax
 from absl import app, flags
 
-from linalign_jax.errors import LinalignError
+from linalign_jax.errors import LinalignError, exit_on_bad_input
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source_model", "SmolLM2-135M-Instruct", "body model of the hybrid")
@@ -54,7 +54,7 @@ def main(argv):
     from linalign_jax.io_utils import atomic_write_json
     from linalign_jax.models import load_model
 
-    try:
+    with exit_on_bad_input():
         if FLAGS.new_tokens < 1 or FLAGS.repeats < 1:
             raise LinalignError(f"--new_tokens and --repeats must be >= 1, got {FLAGS.new_tokens}, {FLAGS.repeats}")
         source = load_model(FLAGS.source_model, dtype=FLAGS.dtype)
@@ -64,9 +64,6 @@ def main(argv):
         else:
             affine, _ = fit_token_map(source, target, load_texts("public", limit=FLAGS.fit_texts))
         pair = HybridPair(source, target, affine)
-    except LinalignError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
     modes = {
         "native target": lambda p: generate(target, p, max_new_tokens=FLAGS.new_tokens, eos_ids=()),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from linalign_jax.errors import LinalignError
+from linalign_jax.errors import LinalignError, exit_on_bad_input
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "model spec: asset name, hub id, HF directory or .gguf file")
@@ -82,11 +82,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     command = "python -m experiments.extract " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     start = time.perf_counter()
-    try:
+    with exit_on_bad_input():
         meta = run(command)
-    except LinalignError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"wrote {FLAGS.out} {tuple(meta['shape'])}: {meta['truncated']} of {meta['n_texts']} texts truncated at "
           f"{meta['max_length']} tokens; cache {meta.get('cache', 'off')}; {time.perf_counter() - start:.1f}s in all",
           file=sys.stderr)

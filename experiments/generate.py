@@ -34,7 +34,8 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from linalign_jax.errors import LinalignError
+from linalign_jax.align.ridge import parse_lambda
+from linalign_jax.errors import LinalignError, exit_on_bad_input
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source_model", None, "model whose body reads the text (asset name, hub id or local path)")
@@ -58,18 +59,6 @@ flags.DEFINE_multi_string("stop", [], "stop string (repeatable)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model weights and activations")
 flags.DEFINE_string("out_dir", None, "output directory")
 flags.mark_flags_as_required(["source_model", "target_model", "out_dir"])
-
-
-def _lambda(value: str):
-    if value == "auto":
-        return value
-    try:
-        lam = float(value)
-    except ValueError:
-        lam = float("nan")
-    if not lam > 0:
-        raise LinalignError(f"--ridge_lambda must be a float > 0 or 'auto', got {value!r}")
-    return lam
 
 
 def _texts(config):
@@ -209,18 +198,15 @@ def config_from_flags() -> dict:
     keys = ("source_model", "target_model", "both_directions", "map_dir", "fit_data", "fit_texts", "heldout_data",
             "heldout_texts", "heldout_tokens", "max_length", "batch_size", "prompt", "max_new_tokens", "temperature",
             "top_p", "seed", "stop", "dtype", "out_dir")
-    return {**{k: FLAGS[k].value for k in keys}, "ridge_lambda": _lambda(FLAGS.ridge_lambda)}
+    return {**{k: FLAGS[k].value for k in keys}, "ridge_lambda": parse_lambda(FLAGS.ridge_lambda)}
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     command = "python -m experiments.generate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    try:
+    with exit_on_bad_input():
         results = run(config_from_flags(), command)
-    except LinalignError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"wrote {FLAGS.out_dir}/results.json in {results['timing']['total_s']:.0f}s "
           f"(CPU {results['timing']['cpu_s']:.0f}s)", file=sys.stderr)
     print(results_markdown(results))

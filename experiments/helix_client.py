@@ -135,11 +135,12 @@ def classify() -> dict:
 
 def fit() -> dict:
     from linalign_jax.align import save_map
+    from linalign_jax.align.ridge import parse_lambda
     from linalign_jax.serve.parties import secure_fit
 
     if not FLAGS.map_out:
         raise LinalignError("--map_out is required for --mode=fit")
-    lam = FLAGS.ridge_lambda if FLAGS.ridge_lambda == "auto" else float(FLAGS.ridge_lambda)
+    lam = parse_lambda(FLAGS.ridge_lambda)
     if FLAGS.public_features:
         Z_B = _load_npy(FLAGS.public_features, "--public_features")
     else:

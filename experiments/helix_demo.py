@@ -58,6 +58,7 @@ def start_provider(out_dir: Path, token_file: Path) -> tuple[subprocess.Popen, s
 def run(out_dir: Path) -> dict:
     from experiments.helix_data import embed, subsample
     from linalign_jax.align import apply_map, load_map, save_map
+    from linalign_jax.align.ridge import parse_lambda
     from linalign_jax.data import load_dataset, load_texts
     from linalign_jax.io_utils import atomic_write_json
     from linalign_jax.serve.client import ProviderClient
@@ -87,7 +88,7 @@ def run(out_dir: Path) -> dict:
                 affine, meta = load_map(FLAGS.map)
                 head_name = meta.get("helix_head", "base")
             else:
-                lam = FLAGS.ridge_lambda if FLAGS.ridge_lambda == "auto" else float(FLAGS.ridge_lambda)
+                lam = parse_lambda(FLAGS.ridge_lambda)
                 fit = secure_fit(client, client_feats["public"], rank=FLAGS.fit_rank, lam=lam)
                 affine, fit_info, head_name = fit.affine, fit.info, fit.info["helix_head"]
                 save_map(out_dir / "secure_map", affine, {**fit_info, "source_model": FLAGS.source_model})

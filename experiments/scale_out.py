@@ -24,7 +24,7 @@ import jax
 from absl import app, flags
 
 from linalign_jax import distributed
-from linalign_jax.errors import LinalignError
+from linalign_jax.errors import LinalignError, exit_on_bad_input
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source_model", None, "source model spec (asset name, hub id, HF directory or .gguf file)")
@@ -49,13 +49,14 @@ distributed.define_flags()
 def run() -> dict:
     from linalign_jax.align.maps import save_map
     from linalign_jax.align.optax_map import OptaxMapConfig
+    from linalign_jax.align.ridge import parse_lambda
     from linalign_jax.data import fingerprint, load_texts
     from linalign_jax.distributed import extract, fit
     from linalign_jax.models import load_model
 
     if FLAGS.limit < 0:
         raise LinalignError(f"--limit must be >= 0, got {FLAGS.limit}")
-    lam = FLAGS.ridge_lambda if FLAGS.ridge_lambda == "auto" else _positive_float(FLAGS.ridge_lambda)
+    lam = parse_lambda(FLAGS.ridge_lambda)
     out_dir = Path(FLAGS.out_dir)
     texts = load_texts(FLAGS.data, limit=FLAGS.limit or None)
     data_fingerprint = fingerprint(texts)
@@ -86,26 +87,13 @@ def run() -> dict:
     return metadata
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise LinalignError(f"--ridge_lambda must be a number > 0 or 'auto', got {text!r}") from None
-    if not value > 0:
-        raise LinalignError(f"--ridge_lambda must be > 0, got {value}")
-    return value
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     start = time.perf_counter()
-    try:
+    with exit_on_bad_input():
         distributed.initialize_from_flags()
         meta = run()
-    except LinalignError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     if jax.process_index() == 0:
         print(f"wrote {Path(FLAGS.out_dir) / 'map'}: {meta['method']} map {meta['source_model']} -> "
               f"{meta['target_model']} from {meta['n_texts']} texts on {meta['processes']} processes / "

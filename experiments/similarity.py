@@ -18,7 +18,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from linalign_jax.errors import LinalignError
+from linalign_jax.errors import LinalignError, exit_on_bad_input
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", None, "model specs, comma-separated (at least 2)")
@@ -86,11 +86,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     command = "python -m experiments.similarity " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    try:
+    with exit_on_bad_input():
         run(command)
-    except LinalignError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print((Path(FLAGS.out_dir) / "similarity.md").read_text())
 
 

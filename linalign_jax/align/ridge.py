@@ -226,6 +226,18 @@ def lambda_grid(eig: Eigensystem, relative: Sequence[float] = GCV_GRID) -> np.nd
     return scale * np.asarray(relative)
 
 
+def parse_lambda(text: str) -> float | str:
+    """A λ given as text (the binaries' --ridge_lambda): "auto", or a finite float > 0."""
+    if text == "auto":
+        return text
+    try:
+        lam = float(text)
+    except ValueError:
+        raise LinalignError(f"ridge lambda must be a positive float or 'auto', got {text!r}") from None
+    _check_lambda(lam)
+    return lam
+
+
 def select_lambda(eig: Eigensystem, lam: float | str) -> tuple[float, dict]:
     """Resolve "auto" by GCV over `lambda_grid`; a number is checked and returned. Returns (λ, info)."""
     if lam == "auto":
