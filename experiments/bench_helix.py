@@ -23,7 +23,8 @@ import openfhe as fhe
 from absl import app, flags
 
 from linalign_jax.helix import BulkLayout, BulkPlan, ClientSession, LinearPlan, ProviderSession, plan_layout
-from linalign_jax.helix.ckks import KIND_QUERY, context_for, frame, unframe
+from linalign_jax.helix.frames import KIND_QUERY, frame, unframe
+from linalign_jax.helix.presets import context_for
 from linalign_jax.io_utils import Progress, atomic_write_json
 
 FLAGS = flags.FLAGS

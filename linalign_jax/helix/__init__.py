@@ -23,22 +23,14 @@ Bulk, feature-major (thousands of queries, no rotation keys): `BulkLayout`, `Bul
 Options: `plan_layout(..., preset="hyb_flood")` for OpenFHE's noise-flooding decryption (ring 16384);
 `plan_layout(..., method="hybrid_client_fold")` for a faster head whose partial sums are only statistically masked.
 
-Generic ciphertext × plaintext helpers for the secure fit (Enc(Z_Aᵀ Z_B)): `ClientSession.encrypt_vector` /
-`decrypt_vector` (raw slot vectors, headroom-checked), `ProviderSession.load_ciphertext`, `multiply_plain`,
-`linear_sum`, `add`, `dump_ciphertext`.
-
-Modules: `ckks` (presets, contexts, keys, wire format, sessions), `linear` (layouts and BSGS plans), `bulk`
-(feature-major plans). Importing this package imports OpenFHE (CPython 3.10 only).
+Modules, one concern each: `presets` (parameter sets, contexts), `frames` (the wire frame), `keys` (the registry of
+OpenFHE's global rotation-key map), `encoding` (bound checks, decoding, CSPRNG draws), `sessions` (client and provider
+roles), `linear` (layouts and BSGS plans), `bulk` (feature-major plans), `protocol` (the two parties' messages). Importing this package imports OpenFHE (CPython 3.10 only).
 """
 from linalign_jax.helix.bulk import BulkLayout, BulkPlan
-from linalign_jax.helix.ckks import (
-    PRESETS,
-    CkksPreset,
-    ClientSession,
-    ProviderSession,
-    choose_preset,
-)
 from linalign_jax.helix.linear import LinearLayout, LinearPlan, plan_layout
+from linalign_jax.helix.presets import PRESETS, CkksPreset, choose_preset
+from linalign_jax.helix.sessions import ClientSession, ProviderSession
 
 __all__ = [
     "PRESETS",

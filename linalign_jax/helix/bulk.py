@@ -14,7 +14,8 @@ import numpy as np
 import openfhe as fhe
 
 from linalign_jax.errors import LinalignError
-from linalign_jax.helix.ckks import get_preset, random_uniform
+from linalign_jax.helix.encoding import random_uniform
+from linalign_jax.helix.presets import get_preset
 from linalign_jax.helix.linear import (FLOOD_FRACTION, VALUE_BUDGET_FRACTION, check_weights, scaled_bias,
                                        weight_scale)
 

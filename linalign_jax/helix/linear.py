@@ -35,7 +35,9 @@ import numpy as np
 import openfhe as fhe
 
 from linalign_jax.errors import LinalignError
-from linalign_jax.helix.ckks import KEYS, CkksPreset, choose_preset, context_for, get_preset, random_uniform
+from linalign_jax.helix.encoding import random_uniform
+from linalign_jax.helix.keys import KEYS
+from linalign_jax.helix.presets import CkksPreset, choose_preset, context_for, get_preset
 
 METHODS = ("hybrid", "replicated", "hybrid_client_fold")
 AUTO_METHODS = ("hybrid", "replicated")  # client fold trades exact hiding for speed: opt-in only

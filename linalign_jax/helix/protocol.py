@@ -39,7 +39,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from linalign_jax.errors import LinalignError
-from linalign_jax.helix.ckks import ClientSession, ProviderSession, get_preset
+from linalign_jax.helix.presets import get_preset
+from linalign_jax.helix.sessions import ClientSession, ProviderSession
 from linalign_jax.helix.linear import LinearLayout, LinearPlan, plan_layout
 from linalign_jax.io_utils import Progress
 

@@ -5,7 +5,8 @@ import pytest
 
 from linalign_jax.errors import LinalignError
 from linalign_jax.helix import PRESETS, ClientSession, LinearPlan, ProviderSession, choose_preset, plan_layout
-from linalign_jax.helix.ckks import KIND_QUERY, KIND_RESULT, context_for, frame, unframe
+from linalign_jax.helix.frames import KIND_QUERY, KIND_RESULT, frame, unframe
+from linalign_jax.helix.presets import context_for
 
 from tests.helix.conftest import TEST_ALLOWED, TEST_PRESET, open_sessions
 
@@ -194,24 +195,3 @@ def test_bundle_with_keys_of_a_foreign_tag_is_rejected(head_setup):
     with pytest.raises(LinalignError, match="foreign key tags"):
         ProviderSession.load(forged, allowed_presets=TEST_ALLOWED)
     provider.require_rotations(layout.rotation_indices())  # the honest session's keys survived
-
-
-def test_generic_vector_algebra_for_the_secure_fit(head_setup, rng):
-    """Σ_i w_i ⊙ Enc(v_i) and a scalar-weighted sum, as the secure fit composes them, decrypt to the numpy values."""
-    _, _, _, _, client, provider = head_setup
-    vectors = rng.uniform(-1, 1, (3, 100))
-    weights = rng.uniform(-2, 2, (3, 100))
-    cts = [provider.load_ciphertext(client.encrypt_vector(v)) for v in vectors]
-    acc = provider.multiply_plain(cts[0], weights[0])
-    for ct, w in zip(cts[1:], weights[1:]):
-        acc = provider.add(acc, provider.multiply_plain(ct, w))
-    np.testing.assert_allclose(client.decrypt_vector(provider.dump_ciphertext(acc), 100),
-                               (vectors * weights).sum(0), atol=1e-6)
-    wsum = provider.linear_sum(cts, [0.5, -1.0, 2.0])
-    np.testing.assert_allclose(client.decrypt_vector(provider.dump_ciphertext(wsum), 100),
-                               0.5 * vectors[0] - vectors[1] + 2 * vectors[2], atol=1e-6)
-    with pytest.raises(LinalignError, match="exceeds the bound 1"):
-        client.encrypt_vector(np.array([0.5, 1.5]))
-    with pytest.raises(LinalignError, match="3 ciphertexts and 2 weights"):
-        provider.linear_sum(cts, [1.0, 2.0])
-

@@ -6,7 +6,7 @@ from scipy import stats
 
 from linalign_jax.errors import LinalignError
 from linalign_jax.helix import LinearPlan, plan_layout
-from linalign_jax.helix.ckks import FLOODING_NOISE_LOG2
+from linalign_jax.helix.presets import FLOODING_NOISE_LOG2
 from linalign_jax.helix.linear import estimate_decryption_noise
 
 from tests.helix.conftest import TEST_PRESET, open_sessions
@@ -239,6 +239,6 @@ def test_unused_slots_carry_nothing_of_the_weights(rng, method):
 
 
 def _unframe_query(blob):
-    from linalign_jax.helix.ckks import KIND_QUERY, unframe
+    from linalign_jax.helix.frames import KIND_QUERY, unframe
 
     return unframe(blob, KIND_QUERY)

@@ -1,0 +1,295 @@
+"""The two session roles of HELIX: `ClientSession` (secret key, encrypt/decrypt) and `ProviderSession` (a client's
+public and rotation keys, evaluation of plans on the client's ciphertexts)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import openfhe as fhe
+
+from linalign_jax.errors import LinalignError
+from linalign_jax.helix.encoding import check_finite_bounded, decode
+from linalign_jax.helix.frames import KIND_BUNDLE, KIND_QUERY, KIND_RESULT, frame, unframe
+from linalign_jax.helix.keys import KEYS
+from linalign_jax.helix.presets import SECURE_PRESETS, CkksPreset, context_for, get_preset, preset_of_context_bytes
+
+
+def _deserialize_ciphertext(payload: bytes, what: str) -> fhe.Ciphertext:
+    try:
+        ct = fhe.DeserializeCiphertextString(payload, fhe.BINARY)
+    except RuntimeError as e:
+        raise LinalignError(f"{what}: OpenFHE cannot deserialize the ciphertext ({str(e)[-120:]})") from None
+    if ct is None:
+        raise LinalignError(f"{what}: OpenFHE cannot deserialize the ciphertext (it read no ciphertext)")
+    return ct
+
+
+def check_ciphertext(ct: fhe.Ciphertext, cc: fhe.CryptoContext, key_tag: str, *, level: int, what: str) -> None:
+    """Reject a ciphertext that belongs to another context or key, or sits at an unexpected level."""
+    ring = ct.GetCryptoContext().GetRingDimension()
+    if ring != cc.GetRingDimension():
+        raise LinalignError(f"{what}: ring dimension {ring}, expected {cc.GetRingDimension()}")
+    if ct.GetCryptoContext() != cc:
+        raise LinalignError(f"{what}: ciphertext comes from another crypto context (ring {ring})")
+    if ct.GetKeyTag() != key_tag:
+        raise LinalignError(f"{what}: encrypted under key {ct.GetKeyTag()[:12]}…, expected this session's key "
+                            f"{key_tag[:12]}…")
+    if ct.GetLevel() != level or ct.NumberCiphertextElements() != 2:
+        raise LinalignError(f"{what}: level {ct.GetLevel()} with {ct.NumberCiphertextElements()} elements, "
+                            f"expected level {level} with 2 elements")
+    if ct.GetEncodingType() != fhe.CKKS_PACKED_ENCODING or ct.GetSlots() != cc.GetRingDimension() // 2:
+        raise LinalignError(f"{what}: not a fully packed CKKS ciphertext ({ct.GetSlots()} slots)")
+
+
+class ClientSession:
+    """The client of one inference session: fresh key pair, rotation keys for exactly one layout, the secret key.
+
+    `layout` is a `linear.LinearLayout` or `bulk.BulkLayout` (which names the preset); it is computed from public
+    shapes only, so the client generates exactly the rotation keys the provider's plan will use. `input_bound` is
+    public: every input entry must satisfy |x| <= input_bound (checked), and the ciphertexts carry x / input_bound.
+    Create one session per inference session: keys are fresh each time (paper §3.3).
+    """
+
+    def __init__(self, preset: CkksPreset, layout, input_bound: float, cc: fhe.CryptoContext, keys: fhe.KeyPair):
+        self.preset, self.layout, self.input_bound = preset, layout, float(input_bound)
+        self._cc, self._keys = cc, keys
+        self.key_tag: str = keys.secretKey.GetKeyTag()
+        self._closed = False
+
+    @classmethod
+    def create(cls, layout, input_bound: float) -> "ClientSession":
+        """Key generation for one session on the layout's preset, with exactly the layout's rotation keys."""
+        if not (np.isfinite(input_bound) and input_bound > 0):
+            raise LinalignError(f"input_bound must be a positive finite number, got {input_bound!r}")
+        preset = get_preset(layout.preset)
+        cc = context_for(preset)
+        keys = cc.KeyGen()
+        KEYS.generate(cc, keys.secretKey, layout.rotation_indices())
+        return cls(preset, layout, input_bound, cc, keys)
+
+    def bundle(self) -> bytes:
+        """Context + public key + rotation keys + public session metadata, as one frame for the provider."""
+        parts = [fhe.Serialize(self._cc, fhe.BINARY), fhe.Serialize(self._keys.publicKey, fhe.BINARY),
+                 fhe.SerializeEvalAutomorphismKeyString(fhe.BINARY, self.key_tag)
+                 if self.layout.rotation_indices() else b""]
+        header = {"preset": self.preset.name, "layout": self.layout.to_json(), "input_bound": self.input_bound,
+                  "key_tag": self.key_tag, "part_sizes": [len(p) for p in parts]}
+        return frame(KIND_BUNDLE, header, b"".join(parts))
+
+    # -- linear layouts: one ciphertext per message
+
+    def encrypt(self, x: np.ndarray) -> bytes:
+        """Encrypt one query x [d_in] (or up to `layout.queries_per_ciphertext` queries [m, d_in]) in one ciphertext."""
+        if self.layout.kind != "linear":
+            raise LinalignError(f"encrypt() needs a linear layout; this session's layout is {self.layout.kind!r}")
+        x = np.asarray(x, dtype=np.float64)
+        queries = x[None] if x.ndim == 1 else x
+        if queries.ndim != 2 or queries.shape[1] != self.layout.d_in:
+            raise LinalignError(f"query shape {x.shape}, expected [{self.layout.d_in}] or [m, {self.layout.d_in}]")
+        if not 1 <= len(queries) <= self.layout.queries_per_ciphertext:
+            raise LinalignError(f"{len(queries)} queries in one ciphertext; this layout holds 1.."
+                                f"{self.layout.queries_per_ciphertext}")
+        scaled = check_finite_bounded(queries, self.input_bound, "query embedding") / self.input_bound
+        slots = self.layout.pack_queries(scaled)
+        ct = self._cc.Encrypt(self._keys.publicKey, self._cc.MakeCKKSPackedPlaintext(slots))
+        header = {"key_tag": self.key_tag, "n": len(queries), "single": x.ndim == 1}
+        return frame(KIND_QUERY, header, fhe.Serialize(ct, fhe.BINARY))
+
+    def decrypt(self, result: bytes) -> np.ndarray:
+        """Decrypt a provider result into outputs [d_out] (or [m, d_out]), undoing the input and weight scaling."""
+        header, values = self._decrypt_result(result)
+        outputs = self.layout.unpack_outputs(values, int(header["n"])) * float(header["output_scale"])
+        return outputs[0] if header.get("single") else outputs
+
+    # -- bulk (feature-major) layouts: one ciphertext per feature, one result ciphertext per output
+
+    def encrypt_bulk(self, x: np.ndarray, start: int = 0, stop: int | None = None) -> list[bytes]:
+        """Encrypt a batch x [n, d_in] (n <= slots) feature-major: frame j holds x[:, j], for j in [start, stop).
+
+        A range lets the client encrypt and stream the features in chunks; the provider takes all d_in frames in order.
+        """
+        if self.layout.kind != "bulk":
+            raise LinalignError(f"encrypt_bulk() needs a bulk layout; this session's layout is {self.layout.kind!r}")
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.layout.d_in or not 1 <= len(x) <= self.preset.slots:
+            raise LinalignError(f"bulk batch shape {x.shape}, expected [n, {self.layout.d_in}] with "
+                                f"1 <= n <= {self.preset.slots}")
+        stop = x.shape[1] if stop is None else stop
+        if not 0 <= start < stop <= x.shape[1]:
+            raise LinalignError(f"feature range [{start}, {stop}) outside [0, {x.shape[1]})")
+        scaled = check_finite_bounded(x[:, start:stop], self.input_bound, "bulk embeddings") / self.input_bound
+        header = {"key_tag": self.key_tag, "n": len(x)}
+        return [frame(KIND_QUERY, dict(header, feature=start + j),
+                      fhe.Serialize(self._cc.Encrypt(self._keys.publicKey,
+                                                     self._cc.MakeCKKSPackedPlaintext(scaled[:, j])), fhe.BINARY))
+                for j in range(stop - start)]
+
+    def decrypt_bulk(self, results: Sequence[bytes]) -> np.ndarray:
+        """Decrypt the d_out result frames of `ProviderSession.evaluate_bulk` into outputs [n, d_out]."""
+        if len(results) != self.layout.d_out:
+            raise LinalignError(f"{len(results)} bulk result frames, expected d_out={self.layout.d_out}")
+        columns = []
+        for j, blob in enumerate(results):
+            header, values = self._decrypt_result(blob)
+            if header.get("output") != j:
+                raise LinalignError(f"bulk result frame {j} holds output {header.get('output')}")
+            columns.append(values[: int(header["n"])] * float(header["output_scale"]))
+        return np.stack(columns, axis=1)
+
+    def close(self) -> None:
+        """Drop this session's rotation keys from the process-global map (the secret key dies with the object)."""
+        if not self._closed:
+            KEYS.remove(self._cc, self.key_tag)
+            self._closed = True
+
+    def __enter__(self) -> "ClientSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _decrypt_result(self, blob: bytes) -> tuple[dict[str, Any], np.ndarray]:
+        header, payload = unframe(blob, KIND_RESULT)
+        ct = self._load_own(header, payload, "result ciphertext", level=1)
+        values = decode(self._cc.Decrypt(ct, self._keys.secretKey), self.preset.slots)
+        if not np.isfinite(values).all() or np.abs(values).max() > self.preset.headroom:
+            raise LinalignError(f"result ciphertext decrypts to |value| {np.abs(values).max():.3g} beyond the "
+                                f"headroom {self.preset.headroom:.3g}: the provider's scaling is wrong")
+        return header, values
+
+    def _load_own(self, header: dict, payload: bytes, what: str, level: int) -> fhe.Ciphertext:
+        if header.get("key_tag") != self.key_tag:
+            raise LinalignError(f"{what}: made for key {str(header.get('key_tag'))[:12]}…, not this session's key")
+        ct = _deserialize_ciphertext(payload, what)
+        check_ciphertext(ct, self._cc, self.key_tag, level=level, what=what)
+        return ct
+
+
+class ProviderSession:
+    """The provider's view of one client session: the client's context, public key and rotation keys (by key tag).
+
+    `load` validates everything in the bundle; `evaluate` runs a `linear.LinearPlan` built for the same layout and
+    preset, `evaluate_bulk` a `bulk.BulkPlan`.
+    """
+
+    def __init__(self, preset: CkksPreset, layout_json: dict, input_bound: float, cc: fhe.CryptoContext,
+                 public_key: fhe.PublicKey, key_tag: str):
+        self.preset, self.layout_json, self.input_bound = preset, layout_json, input_bound
+        self.cc, self.public_key, self.key_tag = cc, public_key, key_tag
+        self._closed = False
+        # OpenFHE re-encodes the plaintext in every EvalMult on a *deserialized* ciphertext (5x slower, measured);
+        # anything added onto a locally made ciphertext takes that one's native parameters, so queries are added onto
+        # this encryption of zero first.
+        self._native_zero = cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(np.zeros(preset.slots)))
+
+    @classmethod
+    def load(cls, bundle: bytes, allowed_presets: Sequence[str] = SECURE_PRESETS) -> "ProviderSession":
+        """Deserialize and validate a client bundle: frame, preset (ring/moduli), key tags, rotation key coverage."""
+        header, payload = unframe(bundle, KIND_BUNDLE)
+        try:
+            sizes = [int(s) for s in header["part_sizes"]]
+            preset_name, layout_json = str(header["preset"]), dict(header["layout"])
+            input_bound, key_tag = float(header["input_bound"]), str(header["key_tag"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise LinalignError(f"session bundle: header field missing or malformed ({e!r})") from None
+        if len(sizes) != 3 or sum(sizes) != len(payload) or min(sizes) < 0:
+            raise LinalignError(f"session bundle: part sizes {sizes} do not add up to the payload ({len(payload)} B)")
+        if preset_name not in allowed_presets:
+            raise LinalignError(f"session bundle: preset {preset_name!r} not allowed here; expected one of "
+                                f"{list(allowed_presets)}")
+        if not (np.isfinite(input_bound) and input_bound > 0):
+            raise LinalignError(f"session bundle: input_bound {input_bound!r} is not a positive finite number")
+        cc_bytes, pk_bytes, rk_bytes = (payload[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(3))
+        preset = preset_of_context_bytes(cc_bytes, allowed_presets)
+        cc = context_for(preset)
+        if preset.name != preset_name:
+            raise LinalignError(f"session bundle: context is preset {preset.name}, header says {preset_name}")
+        try:
+            public_key = fhe.DeserializePublicKeyString(pk_bytes, fhe.BINARY)
+        except RuntimeError as e:
+            raise LinalignError(f"session bundle: malformed public key ({str(e)[-120:]})") from None
+        if public_key is None:
+            raise LinalignError("session bundle: malformed public key (OpenFHE read no key)")
+        if public_key.GetKeyTag() != key_tag:
+            raise LinalignError(f"session bundle: public key tag {public_key.GetKeyTag()[:12]}… differs from the "
+                                f"header's {key_tag[:12]}…")
+        KEYS.add_serialized(cc, key_tag, rk_bytes)
+        return cls(preset, layout_json, input_bound, cc, public_key, key_tag)
+
+    def require_rotations(self, rotations: Sequence[int]) -> None:
+        """Raise naming the rotation indices whose keys this session lacks."""
+        have = set(self.cc.GetExistingEvalAutomorphismKeyIndices(self.key_tag))
+        missing = sorted(r for r in rotations if self.cc.FindAutomorphismIndex(int(r)) not in have)
+        if missing:
+            raise LinalignError(f"session {self.key_tag[:12]}… lacks rotation keys for indices {missing}")
+
+    def evaluate(self, plan, query: bytes) -> bytes:
+        """Evaluate a `LinearPlan` on one query frame; returns a result frame holding one 1-tower ciphertext.
+
+        Holds the key registry's shared lock throughout, so no key-map change (another session loading or closing)
+        can interleave with the rotations."""
+        header, payload = unframe(query, KIND_QUERY)
+        with KEYS.lock.shared():
+            self._check_plan(plan)
+            ct = self._load(header, payload, "query ciphertext", level=0)
+            n = int(header.get("n", 1))
+            if not 1 <= n <= plan.layout.queries_per_ciphertext:
+                raise LinalignError(f"query frame claims {n} queries; the layout holds "
+                                    f"1..{plan.layout.queries_per_ciphertext}")
+            result, output_scale = plan.apply(self.cc, ct, self.input_bound, n)
+        out_header = {"key_tag": self.key_tag, "n": n, "single": bool(header.get("single", False)),
+                      "output_scale": output_scale}
+        return frame(KIND_RESULT, out_header, fhe.Serialize(result, fhe.BINARY))
+
+    def evaluate_bulk(self, plan, queries: Sequence[bytes], chunk: int = 256) -> list[bytes]:
+        """Evaluate a `BulkPlan` on the d_in feature frames of `ClientSession.encrypt_bulk`; one frame per output.
+
+        Frames are deserialized `chunk` at a time, so memory stays bounded for large d_in."""
+        with KEYS.lock.shared():
+            self._check_plan(plan)
+        if len(queries) != plan.layout.d_in:
+            raise LinalignError(f"{len(queries)} bulk feature frames, expected d_in={plan.layout.d_in}")
+        n = int(unframe(queries[0], KIND_QUERY)[0].get("n", 0))
+
+        def load(j: int, blob: bytes) -> fhe.Ciphertext:
+            header, payload = unframe(blob, KIND_QUERY)
+            if header.get("feature") != j:
+                raise LinalignError(f"bulk frame {j} holds feature {header.get('feature')}")
+            if header.get("n") != n:
+                raise LinalignError(f"bulk frame {j} holds {header.get('n')} queries, frame 0 holds {n}")
+            return self._load(header, payload, f"bulk feature {j} ciphertext", level=0)
+
+        chunks = ([load(j, queries[j]) for j in range(start, min(start + chunk, len(queries)))]
+                  for start in range(0, len(queries), chunk))
+        results, output_scale = plan.apply(self.cc, chunks, self.input_bound, n)
+        return [frame(KIND_RESULT, {"key_tag": self.key_tag, "n": n, "output": j, "output_scale": output_scale},
+                      fhe.Serialize(ct, fhe.BINARY)) for j, ct in enumerate(results)]
+
+    def close(self) -> None:
+        """Remove this session's rotation keys from the process-global map; other sessions keep theirs."""
+        if not self._closed:
+            KEYS.remove(self.cc, self.key_tag)
+            self._closed = True
+
+    def __enter__(self) -> "ProviderSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_plan(self, plan) -> None:
+        if self._closed:
+            raise LinalignError(f"session {self.key_tag[:12]}… is closed")
+        if plan.preset.name != self.preset.name:
+            raise LinalignError(f"plan encoded for preset {plan.preset.name}, session uses {self.preset.name}")
+        if plan.layout.to_json() != self.layout_json:
+            raise LinalignError(f"plan layout {plan.layout.to_json()} differs from the session's {self.layout_json}")
+        self.require_rotations(plan.layout.rotation_indices())
+
+    def _load(self, header: dict, payload: bytes, what: str, level: int) -> fhe.Ciphertext:
+        if header.get("key_tag") != self.key_tag:
+            raise LinalignError(f"{what}: made for key {str(header.get('key_tag'))[:12]}…, not this session's key "
+                                f"{self.key_tag[:12]}…")
+        ct = _deserialize_ciphertext(payload, what)
+        check_ciphertext(ct, self.cc, self.key_tag, level=level, what=what)
+        return self.cc.EvalAdd(self._native_zero, ct)
