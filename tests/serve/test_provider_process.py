@@ -80,7 +80,7 @@ class _LayoutWithoutGiantSteps:
 
 
 def _bundle_missing_keys():
-    from linalign_jax.helix.ckks import ClientSession
+    from linalign_jax.helix import ClientSession
 
     party = query_client()
     return ClientSession.create(_LayoutWithoutGiantSteps(party.layout), 4.0).bundle()
