@@ -14,6 +14,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from linalign_jax.errors import LinalignError
 from typing import Any, Iterator
 
 
@@ -33,7 +35,10 @@ def sha256_bytes(data: bytes) -> str:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it.
 
-    Works for files and directories (whatever the body creates at the yielded path).
+    Works for files and directories (whatever the body creates at the yielded path). An existing directory is
+    replaced whole: it is moved aside into the temporary folder and the new one renamed in right after, so `path` is
+    the complete old directory, then (for the instant between two renames) absent, then the complete new one; it
+    never mixes two runs.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,10 +47,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield target
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            os.replace(path, tmp / ".replaced")
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """An empty folder to write a whole run into; on success it replaces `path` (see `atomic_path`), on error it is
+    deleted and whatever was at `path` is left untouched."""
+    with atomic_path(path) as staging:
+        staging.mkdir()
+        yield staging
+
+
+def check_outside(out_dir: str | os.PathLike, **inputs: str) -> None:
+    """An output folder is replaced whole at the end of a run, so no input may live inside it."""
+    out = Path(out_dir).expanduser().resolve()
+    for name, value in inputs.items():
+        if value and (out == Path(value).expanduser().resolve() or out in Path(value).expanduser().resolve().parents):
+            raise LinalignError(f"--{name}={value} lies inside --out_dir={out_dir}, which a finished run replaces "
+                                f"whole; move it out or pick another --out_dir")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -81,6 +104,7 @@ class Progress:
         self.done = 0
         self.units = 0.0
         self.start = self._last = time.perf_counter()
+        self._printed = None  # `done` at the last printed line
 
     def update(self, n: int = 1, units: float | None = None) -> None:
         self.done += n
@@ -91,8 +115,10 @@ class Progress:
             self._print(now)
 
     def close(self) -> float:
+        """Print the final line, unless the last line printed already says it; return the seconds elapsed."""
         now = time.perf_counter()
-        self._print(now)
+        if self._printed != self.done:
+            self._print(now)
         return now - self.start
 
     def rate(self) -> float:
@@ -101,5 +127,6 @@ class Progress:
     def _print(self, now: float) -> None:
         total = f"/{self.total}" if self.total is not None else ""
         rate = self.units / max(now - self.start, 1e-9)
+        self._printed = self.done
         print(f"{self.label}: {self.done}{total} ({rate:,.1f} {self.unit}/s, {now - self.start:.1f}s)",
               file=sys.stderr, flush=True)

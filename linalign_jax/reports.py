@@ -84,6 +84,12 @@ def _order(results: Mapping) -> list[str]:
     return list(results.get("setting_ids") or results["settings"])
 
 
+def accuracy_title(results: Mapping) -> str:
+    """accuracy.png's title: what was mapped to what, on which task, with which map method."""
+    src, tgt = results["models"]["source"]["spec"], results["models"]["target"]["spec"]
+    return f"{src} → {tgt} on {results['config']['task_data']}, {results['config']['map']} map"
+
+
 def plot_accuracy(results: Mapping, path: str | Path) -> Path:
     """Bar chart of accuracy per setting with ±std error bars."""
     import matplotlib
@@ -99,8 +105,7 @@ def plot_accuracy(results: Mapping, path: str | Path) -> Path:
     ax.bar(range(len(names)), means, yerr=stds, capsize=3, color="#4c72b0")
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
     ax.set_ylabel("accuracy (%)")
-    src, tgt = results["models"]["source"]["spec"], results["models"]["target"]["spec"]
-    ax.set_title(f"{src} → {tgt} on {results['config']['task_data']}", fontsize=9)
+    ax.set_title(accuracy_title(results), fontsize=9)
     ax.set_ylim(0, 100)
     fig.tight_layout()
     return _save(fig, path)
@@ -130,7 +135,8 @@ def similarity_markdown(matrices: Mapping[str, np.ndarray], names: Sequence[str]
     out = ["# Representational similarity", "", f"Command: `{command}`", ""]
     for measure, mat in matrices.items():
         out += [f"## {measure}", "", _table([""] + list(names),
-                                            [[n] + [f"{v:.3f}" for v in mat[i]] for i, n in enumerate(names)]), ""]
+                                            [[n] + ["–" if np.isnan(v) else f"{v:.3f}" for v in mat[i]]
+                                             for i, n in enumerate(names)]), ""]
     return "\n".join(out)
 
 

@@ -196,8 +196,9 @@ def mutual_knn(x, y, k: int = 10, n_permutations: int = 100, key: jax.Array | No
 
 # ----------------------------------------------------------------------------------------------------------- matrix
 
-def similarity(x, y, measures: Sequence[str] = MEASURES, key: jax.Array | None = None) -> dict[str, float]:
-    """Every requested measure for one pair; mutual kNN contributes its score and z."""
+def similarity(x, y, measures: Sequence[str] = MEASURES, key: jax.Array | None = None, knn_k: int = 10
+               ) -> dict[str, float]:
+    """Every requested measure for one pair; mutual kNN (`knn_k` neighbours) contributes its score and z."""
     out: dict[str, float] = {}
     for m in measures:
         if m == "linear_cka":
@@ -209,7 +210,7 @@ def similarity(x, y, measures: Sequence[str] = MEASURES, key: jax.Array | None =
         elif m in ("svcca64", "svcca128"):
             out[m] = svcca(x, y, dims=int(m[5:]))["train"]
         elif m == "mutual_knn":
-            res = mutual_knn(x, y, key=key)
+            res = mutual_knn(x, y, k=knn_k, key=key)
             out[m], out["mutual_knn_z"] = res["score"], res["z"]
         else:
             raise LinalignError(f"unknown similarity measure {m!r}; known: {MEASURES}")
@@ -217,15 +218,18 @@ def similarity(x, y, measures: Sequence[str] = MEASURES, key: jax.Array | None =
 
 
 def similarity_matrices(features: Mapping[str, np.ndarray], measures: Sequence[str] = MEASURES,
-                        key: jax.Array | None = None) -> dict[str, np.ndarray]:
-    """{measure: [M, M] matrix} over every pair of named feature sets (same N rows); the diagonal is computed too."""
+                        key: jax.Array | None = None, knn_k: int = 10) -> dict[str, np.ndarray]:
+    """{measure: [M, M] matrix} over every pair of named feature sets (same N rows); the diagonal is computed too,
+    except mutual_knn_z's, which stays NaN: a model against itself has no permutation null worth a z-score."""
     names = list(features)
     size = len(names)
     pairs = [(i, j) for i in range(size) for j in range(i, size)]
     mats: dict[str, np.ndarray] = {}
     progress = Progress("similarity pairs", total=len(pairs), unit="pairs")
     for i, j in pairs:
-        for m, v in similarity(features[names[i]], features[names[j]], measures, key).items():
+        for m, v in similarity(features[names[i]], features[names[j]], measures, key, knn_k).items():
+            if m == "mutual_knn_z" and i == j:
+                continue
             mats.setdefault(m, np.full((size, size), np.nan))[i, j] = v
             mats[m][j, i] = v
         progress.update()

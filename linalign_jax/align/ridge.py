@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Iterable, Iterator, Sequence
 
 import jax
@@ -26,6 +27,8 @@ from linalign_jax.align.mesh import data_mesh, data_size, replicated, row_shardi
 from linalign_jax.distributed.sharding import pad_rows
 from linalign_jax.errors import LinalignError
 from linalign_jax.io_utils import Progress
+
+log = logging.getLogger(__name__)
 
 # GCV grid: λ / mean-eigenvalue from 1e-8 to 1e2 (41 points, 4 per decade).
 GCV_GRID = tuple(10.0 ** np.linspace(-8, 2, 41))
@@ -243,13 +246,39 @@ def select_lambda(eig: Eigensystem, lam: float | str) -> tuple[float, dict]:
     if lam == "auto":
         grid = lambda_grid(eig)
         scores = gcv_curve(eig, grid)
-        chosen = float(grid[int(np.argmin(scores))])
-        return chosen, {"lambda": chosen, "lambda_selection": "gcv", "lambda_grid": grid.tolist(),
-                        "gcv": scores.tolist()}
+        best = int(np.argmin(scores))
+        chosen = float(grid[best])
+        info = {"lambda": chosen, "lambda_selection": "gcv", "lambda_grid": grid.tolist(), "gcv": scores.tolist()}
+        warning = _gcv_warning(eig, best, len(grid))
+        if warning:
+            log.warning("%s", warning)
+            info["lambda_warning"] = warning
+        return chosen, info
     if isinstance(lam, str):
         raise LinalignError(f"ridge lambda must be a positive float or 'auto', got {lam!r}")
     _check_lambda(lam)
     return float(lam), {"lambda": float(lam), "lambda_selection": "fixed"}
+
+
+def _gcv_warning(eig: Eigensystem, best: int, grid_size: int) -> str | None:
+    """Why a GCV λ should not be trusted, or None.
+
+    With n − 1 < d fit rows the centred Gram has rank n − 1 < d: the ridge fit can interpolate its rows, the GCV
+    denominator (n − 1 − df)² goes to 0 with its numerator, and the minimum lands at the grid's lower bound.
+    """
+    dims, n = eig.evals.size, int(eig.n)
+    relative = GCV_GRID[best]
+    problems = []
+    if n - 1 < dims:
+        problems.append(f"{n} fit rows for {dims} source dims (GCV needs more rows than dims)")
+    if best in (0, grid_size - 1):
+        problems.append(f"GCV has no minimum inside its grid: λ was clamped at the grid's "
+                        f"{'lower' if best == 0 else 'upper'} bound")
+    if not problems:
+        return None
+    return (f"ridge λ by GCV = {GCV_GRID[best] * max(float(eig.evals.mean()), np.finfo(np.float64).tiny):.3g} "
+            f"({relative:.0e} × the mean eigenvalue) is unreliable: {'; '.join(problems)}. Fit on more rows or give "
+            "a fixed --ridge_lambda")
 
 
 def solve_ridge(stats: RidgeStats, lam: float | str = "auto") -> tuple[AffineMap, dict]:

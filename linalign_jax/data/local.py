@@ -17,8 +17,9 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 _INT = re.compile(r"^-?\d+$")
 
 
-def read_table(path: Path, columns: List[str]) -> Dict[str, list]:
-    """`columns` of the table at `path`; LinalignError naming the columns found when one is missing."""
+def read_table(path: Path, columns: List[str], int_column: str | None = None) -> Dict[str, list]:
+    """`columns` of the table at `path`; LinalignError naming the columns found when one is missing. A CSV / TSV
+    `int_column` whose values are all integer literals is returned as ints."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         table = _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
@@ -38,15 +39,28 @@ def read_table(path: Path, columns: List[str]) -> Dict[str, list]:
     missing = [c for c in columns if c not in table]
     if missing:
         raise LinalignError(f"{path} has no {' / '.join(map(repr, missing))} column; "
-                            f"columns found: {', '.join(map(repr, table)) or 'none'}")
-    if suffix in (".csv", ".tsv") and "label" in columns and all(_INT.match(v or "") for v in table["label"]):
-        table["label"] = [int(v) for v in table["label"]]
+                            f"columns found: {', '.join(map(repr, table)) or 'none'} (name yours with "
+                            "--text_column / --label_column)")
+    if suffix in (".csv", ".tsv") and int_column in columns and all(_INT.match(v or "") for v in table[int_column]):
+        table[int_column] = [int(v) for v in table[int_column]]
     return {c: table[c] for c in columns}
 
 
 def read_lines(path: Path) -> List[str]:
-    """Non-empty lines of a text file, stripped, in file order."""
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The lines of a text file, stripped, in file order: row i is line i + 1.
+
+    The same rule as a table's text cells: a blank text is an error, never dropped (dropping would shift every later
+    row against its line number). Blank lines after the last text are not rows.
+    """
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    blank = [number for number, line in enumerate(lines, start=1) if not line]
+    if blank:
+        raise LinalignError(f"{path}: line {blank[0]} is blank ({len(blank)} blank line(s) before the last text); "
+                            "every line is one text (row i = line i + 1): remove blank lines, e.g. "
+                            f"sed -i '/^[[:space:]]*$/d' {path}")
+    return lines
 
 
 def find_split_files(directory: Path) -> Dict[str, Path]:

@@ -1,0 +1,70 @@
+"""One way for every binary to turn a model spec into embeddings: a model (asset name, hub id, HF directory, .gguf,
+through the feature cache) or a precomputed embeddings file (`linalign_jax.precomputed`, a .parquet path).
+
+    embedder = open_embedder(spec, dtype="float32")
+    features = embedder.features(texts, pooling="mean", max_length=128, normalize=True, batch_size=64)
+    embedder.info()   # {"spec", "fingerprint", "family", "dim"} for results and map metadata
+
+A precomputed file ignores pooling, layer, max_length and batch_size (its vectors are already pooled) and applies
+`normalize` itself; its fingerprint names the model and dim, so a map fitted on one file's rows checks against
+another file of the same model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from linalign_jax.features import FeatureSet
+from linalign_jax.precomputed import EmbeddingsFile, is_embeddings_spec, read_embeddings
+
+
+@dataclasses.dataclass
+class Embedder:
+    spec: str
+    fingerprint: str
+    family: str
+    dim: int
+    model: Any = None                       # LoadedModel, for a model spec
+    file: Optional[EmbeddingsFile] = None   # for an embeddings file
+
+    def info(self) -> dict:
+        return {"spec": self.spec, "fingerprint": self.fingerprint, "family": self.family, "dim": int(self.dim)}
+
+    def features(self, texts: Sequence[str], data_fingerprint: Optional[str] = None, *, pooling: str = "mean",
+                 layer: int = -1, max_length: int = 128, normalize: bool = False, batch_size: int = 64,
+                 cache: bool = True, cache_dir=None, data: str = "the data") -> FeatureSet:
+        """[N, dim] float32 features of `texts`; `data` names them in errors (e.g. the dataset spec)."""
+        texts = list(texts)
+        if self.file is not None:
+            array = self.file.lookup(texts, data)
+            if normalize:
+                array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
+            return FeatureSet(array.astype(np.float32), {
+                "cache": "precomputed", "n_texts": len(texts), "truncated": 0, "max_length": None,
+                "pooling": "precomputed", "normalize": normalize, "model": self.file.model,
+                "embeddings_file": str(self.file.path)})
+        from linalign_jax import features as extraction
+        from linalign_jax.data import fingerprint
+
+        settings = dict(pooling=pooling, layer=layer, max_length=max_length, normalize=normalize,
+                        batch_size=batch_size)
+        if not cache:
+            return extraction.extract_features(self.model, texts, **settings)
+        return extraction.cached_features(self.model, texts, data_fingerprint or fingerprint(texts),
+                                          cache_dir=cache_dir, **settings)
+
+
+def open_embedder(spec: str, dtype: str = "float32", expect_dim: Optional[int] = None) -> Embedder:
+    """Load the model `spec` names, or read and check the embeddings file it names."""
+    print(f"loading {spec}", file=sys.stderr, flush=True)
+    if is_embeddings_spec(spec):
+        file = read_embeddings(spec, expect_dim=expect_dim)
+        return Embedder(spec=str(spec), fingerprint=file.fingerprint, family="precomputed", dim=file.dim, file=file)
+    from linalign_jax.models import load_model
+
+    model = load_model(spec, dtype=dtype)
+    return Embedder(spec=str(spec), fingerprint=model.fingerprint, family=model.family,
+                    dim=int(model.hidden_size), model=model)
