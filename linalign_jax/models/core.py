@@ -5,7 +5,7 @@ differences between families are flags here (norm kind, biases, q/k norm, sandwi
 positions, per-layer sliding windows with their own RoPE base, soft-capping), not code paths in five modules.
 
 Layers are stacked with `nn.scan`, so parameters carry a leading layer axis and compile time does not grow with depth.
-All attention goes through one `attend` that masks by *position ids*: a key is visible when it is a real token
+All attention goes through one `attend` (fused or explicit, see attention.py) that masks by *position ids*: a key is visible when it is a real token
 (position >= 0), not in the future, and within the window on sliding layers. Position ids come from the attention
 mask (cumsum - 1), which makes left and right padding give identical states for the real tokens, and lets the same
 code serve both the full forward pass and incremental decoding.
@@ -39,6 +39,7 @@ import numpy as np
 
 from linalign_jax.errors import LinalignError
 from linalign_jax.io_utils import sha256_bytes
+from linalign_jax.models import attention as attention_ops
 from linalign_jax.models.base import ModelOutput
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -152,8 +153,12 @@ class DecoderConfig:
     tie_embeddings: bool = True
     pad_token_id: int = 0
     dtype: str = "float32"
+    attention: str = "auto"                # attention_ops.IMPLEMENTATIONS; how, not what: not in the fingerprint
 
     def __post_init__(self):
+        if self.attention not in attention_ops.IMPLEMENTATIONS:
+            raise LinalignError(f"unknown attention {self.attention!r}; expected one of "
+                                f"{', '.join(attention_ops.IMPLEMENTATIONS)}")
         if self.dtype not in DTYPES:
             raise LinalignError(f"unsupported dtype {self.dtype!r}; supported: {', '.join(DTYPES)}")
         if self.num_heads % self.num_kv_heads:
@@ -176,8 +181,10 @@ class DecoderConfig:
 
 
 def config_hash(config) -> str:
-    """sha256 of a config dataclass (all fields, dtype included), part of the model fingerprint."""
-    return sha256_bytes(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
+    """sha256 of a config dataclass (all fields, dtype included, but not the attention implementation: both are
+    exact and agree to float rounding), part of the model fingerprint."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "attention"}
+    return sha256_bytes(json.dumps(fields, sort_keys=True).encode())
 
 
 # ----------------------------------------------------------------------------------------------------------- layers
@@ -216,25 +223,22 @@ def rope_tables(rope: RopeConfig, head_dim: int, positions):
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
-def attend(q, k, v, q_pos, k_pos, window, scale: float, softcap: Optional[float]):
-    """Grouped-query attention masked by positions.
+def attend(q, k, v, q_pos, k_pos, window, scale: float, softcap: Optional[float], causal: bool = False,
+           implementation: str = "auto"):
+    """Grouped-query attention masked by positions (through `attention.attention`).
 
     q [B, T, H, D]; k, v [B, S, K, D]; q_pos [B, T], k_pos [B, S] (-1 marks a slot with no real token); window: None or
-    a scalar (traced is fine) such that keys with q_pos - k_pos >= window are hidden. Softmax in float32.
+    a scalar (traced is fine) such that keys with q_pos - k_pos >= window are hidden. `causal`: q and k are the same
+    T tokens (the full forward pass); positions grow along the sequence, so the mask is inside the causal triangle.
     """
     B, T, H, D = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, T, K, H // K, D)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    if softcap:
-        logits = jnp.tanh(logits / softcap) * softcap
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]
     visible = (kp >= 0) & (kp <= qp)
     if window is not None:
         visible &= qp - kp < window
-    logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * D)
+    out = attention_ops.attention(q, k, v, scale=scale, mask=visible[:, None], causal=causal, softcap=softcap,
+                              implementation=implementation)
+    return out.reshape(B, T, H * D)
 
 
 class Attention(nn.Module):
@@ -261,7 +265,8 @@ class Attention(nn.Module):
         window = None
         if cfg.sliding_window:
             window = jnp.where(is_sliding, cfg.sliding_window, jnp.iinfo(jnp.int32).max)
-        out = attend(q, k, v, ctx["q_pos"], ctx["k_pos"], window, cfg.scale, cfg.attn_logit_softcap)
+        out = attend(q, k, v, ctx["q_pos"], ctx["k_pos"], window, cfg.scale, cfg.attn_logit_softcap,
+                     causal=cache_kv is None, implementation=cfg.attention)
         return dense(cfg.hidden_size, cfg.out_bias, "o_proj")(out), (k, v)
 
 
