@@ -3,7 +3,12 @@
     python -m experiments.align --flagfile=configs/demo.flags
 
 Outputs in --out_dir:
-    results.json   written last and atomically: an interrupted run leaves none (a stale one is removed at start)
+    The whole folder is written into a temporary sibling and swapped in at the end: a failed or interrupted run leaves
+the previous run's folder untouched, and a finished one replaces it whole (nothing of the old run is kept).
+Every input is checked before any model is loaded (limits, classes, shots, mutual kNN's k; `data.checks`).
+--source_model / --target_model may be embeddings files (.parquet, `linalign_jax.precomputed`).
+
+results.json   written last: its presence means the run finished
     results.md     tables shaped like the paper's Tables 1, 2/6 and 7, plus map quality
     accuracy.png   accuracy per setting, mean ± std over seeds
     maps/<setting>/map.safetensors + map.json   the first seed's map of every mapped setting
@@ -32,7 +37,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from absl import app, flags
 
 from linalign_jax.errors import LinalignError, exit_on_bad_input
@@ -57,7 +61,7 @@ flags.DEFINE_list("shots", ["32", "64", "128"], "labelled task rows for public+i
 flags.DEFINE_bool("per_class_shots", False, "--shots counts rows per class instead of in total")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (heads, shots, optax maps); at least 3 for the paper's mean ± std")
 flags.DEFINE_string("out_dir", None, "output directory")
-flags.DEFINE_integer("public_limit", 5000, "texts taken from the public corpus")
+flags.DEFINE_integer("public_limit", 5000, "texts taken from the public corpus (0 = all)")
 flags.DEFINE_integer("train_limit", 0, "stratified subsample of the task train split (0 = all)")
 flags.DEFINE_integer("test_limit", 0, "stratified subsample of the task test split (0 = all)")
 flags.DEFINE_integer("ood_limit", 1000, "texts taken from the OOD dataset's test split (0 = all)")
@@ -66,80 +70,62 @@ flags.DEFINE_integer("batch_size", 64, "texts per extraction batch")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model compute dtype")
 flags.DEFINE_integer("data_seed", 0, "seed of the dataset split and subsamples")
 flags.DEFINE_string("feature_cache", None, "feature cache directory (default $LINALIGN_CACHE/features)")
+flags.DEFINE_integer("knn_k", 10, "neighbours of the mutual kNN similarity (1 <= k < test rows)")
+flags.DEFINE_string("text_column", "text", "text column of local / hub datasets")
+flags.DEFINE_string("label_column", "label", "label column of local / hub datasets")
 flags.mark_flags_as_required(["source_model", "target_model", "task_data", "out_dir"])
 
 
-def _subsample(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """Sorted indices of a stratified subsample of `limit` rows (all rows when limit is 0 or ≥ N)."""
-    from linalign_jax.data.splits import stratified_split
-
-    if limit <= 0 or limit >= len(labels):
-        return np.arange(len(labels))
-    return np.sort(stratified_split(labels, limit, seed)[1])
-
-
-def load_texts_and_labels(cfg: dict) -> dict:
-    """{"train"|"test": (texts, labels), "ood": texts | None, "public": texts | None, "classes": [...]}."""
-    from linalign_jax.data import load_dataset, load_texts
-
-    task = load_dataset(cfg["task_data"], seed=cfg["data_seed"])
-    out = {"classes": task["train"].features["label"].names}
-    for split, limit in (("train", cfg["train_limit"]), ("test", cfg["test_limit"])):
-        texts, labels = task[split]["text"], np.asarray(task[split]["label"])
-        keep = _subsample(labels, limit, cfg["data_seed"])
-        out[split] = ([texts[i] for i in keep], labels[keep])
-    out["ood"] = None
-    if cfg["ood_data"]:
-        ood = load_dataset(cfg["ood_data"], seed=cfg["data_seed"])["test"]
-        keep = _subsample(np.asarray(ood["label"]), cfg["ood_limit"], cfg["data_seed"])
-        out["ood"] = [ood["text"][i] for i in keep]
-    needs_public = any(s in ("public", "public+id") for s in cfg["settings"])
-    out["public"] = load_texts(cfg["public_data"], limit=cfg["public_limit"], seed=cfg["data_seed"]) \
-        if needs_public else None
-    return out
-
-
 def extract_all(spec: str, sets: dict, cfg: dict) -> tuple[dict, dict]:
-    """Features of every text set for one model (cached); returns ({name: array}, model info)."""
-    from linalign_jax.data import fingerprint
-    from linalign_jax.features import cached_features
-    from linalign_jax.models import load_model
+    """Features of every text set for one model or embeddings file (cached); returns ({name: array}, model info)."""
+    from linalign_jax.embedders import open_embedder
 
-    print(f"loading {spec}", file=sys.stderr, flush=True)
-    model = load_model(spec, dtype=cfg["dtype"])
+    embedder = open_embedder(spec, dtype=cfg["dtype"])
     feats, status = {}, {}
     for name, texts in sets.items():
-        fs = cached_features(model, texts, fingerprint(list(texts)), pooling=cfg["pooling"],
-                             max_length=cfg["max_length"], normalize=cfg["normalize"], batch_size=cfg["batch_size"],
-                             cache_dir=cfg["feature_cache"])
+        spec_key = {"train": "task_data", "test": "task_data"}.get(name, f"{name}_data")
+        fs = embedder.features(texts, pooling=cfg["pooling"], max_length=cfg["max_length"],
+                               normalize=cfg["normalize"], batch_size=cfg["batch_size"],
+                               cache_dir=cfg["feature_cache"], data=f"{cfg[spec_key]} ({name})")
         feats[name] = fs.array
         status[name] = {"cache": fs.metadata.get("cache"), "seconds": fs.metadata.get("seconds")}
-    info = {"spec": spec, "fingerprint": model.fingerprint, "family": model.family, "dim": int(model.hidden_size),
-            "extract": status}
-    return feats, info
+    return feats, {**embedder.info(), "extract": status}
 
 
 def run(cfg: dict, command: str) -> dict:
+    """The whole job into a staged copy of --out_dir (see the module docstring)."""
+    from linalign_jax.io_utils import check_outside, staged_dir
+
+    check_outside(cfg["out_dir"], feature_cache=cfg["feature_cache"],
+                  **{k: cfg[k] for k in ("source_model", "target_model", "task_data", "ood_data", "public_data")})
+    with staged_dir(cfg["out_dir"]) as out_dir:
+        return _run_into(out_dir, cfg, command)
+
+
+def _run_into(out_dir: Path, cfg: dict, command: str) -> dict:
     from linalign_jax import reports
     from linalign_jax.align import save_map
     from linalign_jax.align.fit import MapConfig
     from linalign_jax.align.optax_map import OptaxMapConfig
     from linalign_jax.data import fingerprint
+    from linalign_jax.data.task import load_task_texts
     from linalign_jax.evaluate.settings import Paired, TaskFeatures, run_settings, setting_ids
     from linalign_jax.io_utils import atomic_write_json, atomic_write_text
     from linalign_jax.similarity import similarity
 
     start, cpu_start = time.perf_counter(), time.process_time()
-    out_dir = Path(cfg["out_dir"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("results.json", "results.md"):
-        (out_dir / stale).unlink(missing_ok=True)
     ids = setting_ids(cfg["settings"], cfg["shots"])  # validates names before any expensive work
     map_config = MapConfig(method=cfg["map"], ridge_lambda=cfg["ridge_lambda"], rank=cfg["rank"],
                            procrustes_dims=cfg["procrustes_dims"],
                            optax=OptaxMapConfig(loss=cfg["optax_loss"], optimizer=cfg["optax_optimizer"],
                                                 learning_rate=cfg["optax_lr"]))
-    data = load_texts_and_labels(cfg)
+    shot_settings = any(s in ("public+id", "few_shot") for s in cfg["settings"])
+    data = load_task_texts(  # every input checked before a model loads
+        cfg["task_data"], ood_data=cfg["ood_data"],
+        public_data=cfg["public_data"] if any(s in ("public", "public+id") for s in cfg["settings"]) else "",
+        shots=cfg["shots"] if shot_settings else (), knn_k=cfg["knn_k"], seed=cfg["data_seed"],
+        **{k: cfg[k] for k in ("train_limit", "test_limit", "ood_limit", "public_limit", "per_class_shots",
+                               "text_column", "label_column")})
     sets = {"train": data["train"][0], "test": data["test"][0]}
     sets.update({k: data[k] for k in ("ood", "public") if data[k] is not None})
     src, src_info = extract_all(cfg["source_model"], sets, cfg)
@@ -176,7 +162,8 @@ def run(cfg: dict, command: str) -> dict:
         "command": command, "config": cfg, "models": {"source": src_info, "target": tgt_info}, "data": data_info,
         "setting_ids": ids, "settings": settings,
         "similarity": similarity(src["test"], tgt["test"],
-                                 ("linear_cka", "linear_cka_debiased", "rbf_cka", "svcca64", "mutual_knn")),
+                                 ("linear_cka", "linear_cka_debiased", "rbf_cka", "svcca64", "mutual_knn"),
+                                 knn_k=cfg["knn_k"]),
         "timing": {"extract_s": extract_s, "evaluate_s": time.perf_counter() - eval_start},
     }
     reports.plot_accuracy(results, out_dir / "accuracy.png")
@@ -199,7 +186,7 @@ def config_from_flags() -> dict:
     keys = ("source_model", "target_model", "task_data", "ood_data", "public_data", "pooling", "normalize", "map",
             "rank", "procrustes_dims", "per_class_shots", "optax_loss", "optax_optimizer", "optax_lr", "settings",
             "out_dir", "public_limit", "train_limit", "test_limit", "ood_limit", "max_length", "batch_size", "dtype",
-            "data_seed", "feature_cache")
+            "data_seed", "feature_cache", "knn_k", "text_column", "label_column")
     return {**{k: FLAGS[k].value for k in keys}, "ridge_lambda": lam, "shots": shots, "seeds": seeds}
 
 

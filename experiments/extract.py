@@ -1,13 +1,22 @@
-"""Extract pooled hidden-state features of one model over one dataset split into a .npy file (+ metadata .json).
+"""Extract pooled hidden-state features of one model over a dataset into a .npy file, with labels, source row
+indices and metadata beside it.
 
     python -m experiments.extract --model=all-MiniLM-L6-v2 --data=trec --split=test --pooling=mean \
         --max_length=128 --out=/tmp/minilm_trec_test.npy
 
---model: asset name, hub id, HF directory or .gguf file (anything `load_model` takes, so models outside the registry
-work too). --data: a labelled dataset spec (`load_dataset`; --split picks train or test) or an unlabelled one
-(`public`, a .txt file: `load_texts`, --split is ignored). Goes through the feature cache unless --nocache.
-Writes FILE.npy (float32 [N, d], row i = text i) and FILE.json (model and data fingerprints, settings, truncated
-count, timing), both atomically.
+--model: asset name, hub id, HF directory, .gguf file (anything `load_model` takes) or an embeddings file
+(.parquet, `linalign_jax.precomputed`: its rows for these texts are written out). --data: a labelled dataset spec
+(`load_dataset`) or unlabelled text (`public`, a .txt file, a table without a label column). --split=all (default)
+takes every row in source order (for a source with its own test file: train rows, then test rows); train / test
+take the seeded split of a labelled dataset. --limit keeps the first N of those rows; the row count is printed.
+Goes through the feature cache unless --nocache. A .txt file is one text per line: a blank line is an error (as a
+blank CSV cell is), so row i is always line i + 1.
+
+Writes, replacing any earlier set only once all are complete (FILE.json last):
+    FILE.npy         float32 [N, d], row i = text i
+    FILE.rows.npy    int64 [N]: each text's row in the source (line number from 0 for .txt, record index for a table)
+    FILE.labels.npy  int64 [N] class indices (labelled data only; feeds `helix_client --features/--labels`)
+    FILE.json        model and data fingerprints, settings, classes, "split" (labelled data only), truncated count
 """
 from __future__ import annotations
 
@@ -22,9 +31,10 @@ from absl import app, flags
 from linalign_jax.errors import LinalignError, exit_on_bad_input
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "model spec: asset name, hub id, HF directory or .gguf file")
+flags.DEFINE_string("model", None, "model spec: asset name, hub id, HF directory, .gguf or embeddings .parquet")
 flags.DEFINE_string("data", None, "dataset spec: registry name, local file/directory or hub id")
-flags.DEFINE_enum("split", "test", ["train", "test"], "split of a labelled dataset")
+flags.DEFINE_enum("split", "all", ["all", "train", "test"], "all rows, or the train / test split of a labelled "
+                  "dataset")
 flags.DEFINE_enum("pooling", "mean", ["mean", "last", "cls"], "how token states become one vector per text")
 flags.DEFINE_integer("layer", -1, "-1: final hidden state (after the final norm); i: hidden_states[i]")
 flags.DEFINE_integer("max_length", 128, "tokens per text; longer texts are truncated and counted")
@@ -33,47 +43,45 @@ flags.DEFINE_bool("normalize", False, "L2-normalise each feature vector")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter / compute dtype")
 flags.DEFINE_integer("limit", 0, "keep the first N texts (0 = all)")
 flags.DEFINE_bool("cache", True, "read / write the feature cache ($LINALIGN_CACHE/features)")
-flags.DEFINE_string("out", None, "output .npy path; metadata goes next to it as .json")
+flags.DEFINE_string("out", None, "output .npy path; rows, labels and metadata go next to it")
+flags.DEFINE_string("text_column", "text", "text column of a local / hub dataset")
+flags.DEFINE_string("label_column", "label", "label column of a local / hub dataset")
 flags.mark_flags_as_required(["model", "data", "out"])
 
-UNLABELLED_SPECS = ("public",)
-
-
-def load_split_texts(spec: str, split: str, limit: int) -> list:
-    from linalign_jax.data import load_dataset, load_texts
-
-    if spec in UNLABELLED_SPECS or Path(spec).suffix.lower() == ".txt":
-        texts = load_texts(spec)
-    else:
-        texts = list(load_dataset(spec)[split]["text"])
-    return texts[:limit] if limit > 0 else texts
-
-
 def run(command: str) -> dict:
-    from linalign_jax import features
-    from linalign_jax.data import fingerprint
-    from linalign_jax.io_utils import atomic_path, atomic_write_json
-    from linalign_jax.models import load_model
+    from linalign_jax.data import checks, fingerprint
+    from linalign_jax.data.task import load_rows
+    from linalign_jax.embedders import open_embedder
+    from linalign_jax.io_utils import atomic_write_arrays
 
     out = Path(FLAGS.out)
     if out.suffix != ".npy":
         raise LinalignError(f"--out must end in .npy, got {str(out)!r}")
-    if FLAGS.limit < 0:
-        raise LinalignError(f"--limit must be >= 0, got {FLAGS.limit}")
-    texts = load_split_texts(FLAGS.data, FLAGS.split, FLAGS.limit)
-    model = load_model(FLAGS.model, dtype=FLAGS.dtype)
-    settings = dict(pooling=FLAGS.pooling, layer=FLAGS.layer, max_length=FLAGS.max_length, normalize=FLAGS.normalize,
-                    batch_size=FLAGS.batch_size)
+    checks.check_limits(limit=FLAGS.limit)
+    data = load_rows(FLAGS.data, FLAGS.split, text_column=FLAGS.text_column, label_column=FLAGS.label_column)
+    keep = slice(0, FLAGS.limit or None)
+    texts, rows = data["texts"][keep], data["rows"][keep]
+    print(f"{FLAGS.data}: {len(texts)} rows ({'split ' + data['split'] if data['split'] else 'unlabelled'}"
+          f"{f', first {FLAGS.limit}' if FLAGS.limit else ''})", file=sys.stderr, flush=True)
+    embedder = open_embedder(FLAGS.model, dtype=FLAGS.dtype)
     data_fingerprint = fingerprint(texts)
-    if FLAGS.cache:
-        result = features.cached_features(model, texts, data_fingerprint, **settings)
-    else:
-        result = features.extract_features(model, texts, **settings)
-    with atomic_path(out) as tmp:
-        np.save(tmp, result.array, allow_pickle=False)
-    metadata = {**result.metadata, "command": command, "data_spec": FLAGS.data, "split": FLAGS.split,
-                "data_fingerprint": data_fingerprint, "shape": list(result.array.shape)}
-    atomic_write_json(out.with_suffix(".json"), metadata)
+    result = embedder.features(texts, data_fingerprint, pooling=FLAGS.pooling, layer=FLAGS.layer,
+                               max_length=FLAGS.max_length, normalize=FLAGS.normalize, batch_size=FLAGS.batch_size,
+                               cache=FLAGS.cache, data=FLAGS.data)
+
+    def beside(kind: str) -> Path:  # FILE.npy -> FILE<kind>.npy
+        return out.with_name(out.name[:-len(".npy")] + kind + ".npy")
+
+    arrays = {"": result.array, ".rows": rows}
+    if data["labels"] is not None:
+        arrays[".labels"] = data["labels"][keep]
+    metadata = {**result.metadata, "command": command, "data_spec": FLAGS.data, "data_fingerprint": data_fingerprint,
+                "shape": list(result.array.shape), "model": embedder.info(),
+                "files": [beside(kind).name for kind in arrays]}
+    if data["split"]:
+        metadata.update(split=data["split"], classes=data["classes"])
+    atomic_write_arrays({beside(kind): array for kind, array in arrays.items()}, out.with_suffix(".json"), metadata,
+                        stale=[beside(".labels")])
     return metadata
 
 
@@ -84,9 +92,10 @@ def main(argv):
     start = time.perf_counter()
     with exit_on_bad_input():
         meta = run(command)
-    print(f"wrote {FLAGS.out} {tuple(meta['shape'])}: {meta['truncated']} of {meta['n_texts']} texts truncated at "
-          f"{meta['max_length']} tokens; cache {meta.get('cache', 'off')}; {time.perf_counter() - start:.1f}s in all",
-          file=sys.stderr)
+    truncated = f"{meta['truncated']} of {meta['n_texts']} texts truncated at {meta['max_length']} tokens; " \
+        if meta.get("max_length") else ""
+    print(f"wrote {tuple(meta['shape'])} to {', '.join(meta['files'])} (+ .json): {truncated}cache "
+          f"{meta.get('cache', 'off')}; {time.perf_counter() - start:.1f}s in all", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ texts, and used to continue every --prompt next to both models' own continuation
 
 Outputs in --out_dir:
     results.md     tokenizer-compatibility, next-token and sample tables
-    results.json   written last and atomically (an interrupted run leaves none):
+    results.json   written last (the whole folder is staged and swapped in at the end: a failed or interrupted run
+                   leaves the previous folder untouched; --map_dir must lie outside --out_dir):
         command, config          the command line and every flag value that matters
         models                   {"source"|"target": {"spec", "fingerprint", "family", "dim", "vocab"}}
         data                     {"fit"|"heldout": {"spec", "n", "fingerprint"}}
@@ -98,8 +99,9 @@ def _maps(source, target, fit, data, config, out_dir: Path) -> list:
     out = []
     for (s, t), (affine, meta) in zip([(source, target), (target, source)], fitted):
         meta = {**meta, "fit_data": data["fit"]}
-        path = save_map(out_dir / "maps" / f"{_slug(s.spec)}__to__{_slug(t.spec)}", affine, meta)
-        out.append((s, t, affine, meta, path))
+        name = f"{_slug(s.spec)}__to__{_slug(t.spec)}"
+        save_map(out_dir / "maps" / name, affine, meta)  # out_dir is the staging copy of --out_dir
+        out.append((s, t, affine, meta, Path(config["out_dir"]) / "maps" / name))
     return out
 
 
@@ -135,17 +137,22 @@ def _slug(spec: str) -> str:
 
 
 def run(config: dict, command: str) -> dict:
+    from linalign_jax.io_utils import check_outside, staged_dir
+
+    if config["map_dir"] and config["both_directions"]:
+        raise LinalignError("--map_dir holds one direction's map; drop --both_directions")
+    check_outside(config["out_dir"], map_dir=config["map_dir"])
+    start, cpu_start = time.perf_counter(), time.process_time()
+    fit, heldout, data = _texts(config)  # checked before any model loads
+    with staged_dir(config["out_dir"]) as out_dir:  # a failed run leaves the old folder untouched
+        return _run_into(out_dir, config, command, fit, heldout, data, start, cpu_start)
+
+
+def _run_into(out_dir: Path, config: dict, command: str, fit, heldout, data, start: float, cpu_start: float) -> dict:
     from linalign_jax.io_utils import atomic_write_json, atomic_write_text
     from linalign_jax.models import load_model
     from linalign_jax.tokenizer_compat import tokenizer_compatibility
 
-    out_dir = Path(config["out_dir"])
-    for stale in ("results.json", "results.md"):
-        (out_dir / stale).unlink(missing_ok=True)
-    if config["map_dir"] and config["both_directions"]:
-        raise LinalignError("--map_dir holds one direction's map; drop --both_directions")
-    start, cpu_start = time.perf_counter(), time.process_time()
-    fit, heldout, data = _texts(config)
     source = load_model(config["source_model"], dtype=config["dtype"])
     target = load_model(config["target_model"], dtype=config["dtype"])
     load_s = time.perf_counter() - start

@@ -4,8 +4,10 @@
         --data=public --limit=1000 --out_dir=runs/similarity
 
 --data is a text spec (`linalign_jax.data.load_texts`: `public`, a .txt file, a table, or a labelled dataset's train
-split). Embeddings are pooled (--pooling, default mean as in the paper's §2.3 for autoregressive models), cached, and
-compared with every measure of `linalign_jax.similarity`. Outputs in --out_dir: similarity.json (written last:
+split); a --models entry may be an embeddings file (.parquet, `linalign_jax.precomputed`). Inputs are checked before
+any model loads. Embeddings are pooled (--pooling, default mean as in the paper's §2.3 for autoregressive models),
+cached, and compared with every measure of `linalign_jax.similarity`. --out_dir is written into a temporary sibling
+and swapped in whole at the end (a failed run leaves the old one untouched). Outputs: similarity.json (written last:
 {"command", "config", "models": [{"spec", "fingerprint", "dim"}], "data": {"spec", "n", "fingerprint"},
 "matrices": {measure: [[...]]}, "timing"}), similarity.md and one heatmap_<measure>.png per measure.
 """
@@ -23,7 +25,7 @@ from linalign_jax.errors import LinalignError, exit_on_bad_input
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", None, "model specs, comma-separated (at least 2)")
 flags.DEFINE_string("data", "public", "text spec")
-flags.DEFINE_integer("limit", 1000, "number of texts")
+flags.DEFINE_integer("limit", 1000, "number of texts (0 = all)")
 flags.DEFINE_enum("pooling", "mean", ["mean", "last", "cls"], "pooling of token states")
 flags.DEFINE_bool("normalize", False, "L2-normalise pooled embeddings first (sentence-transformers' own output)")
 flags.DEFINE_list("measures", ["linear_cka", "linear_cka_debiased", "rbf_cka", "svcca64", "svcca128", "mutual_knn"],
@@ -33,39 +35,53 @@ flags.DEFINE_integer("batch_size", 32, "texts per extraction batch")
 flags.DEFINE_integer("seed", 0, "seed of the text sample and the mutual-kNN permutations")
 flags.DEFINE_string("feature_cache", None, "feature cache directory (default $LINALIGN_CACHE/features)")
 flags.DEFINE_string("out_dir", None, "output directory")
+flags.DEFINE_integer("knn_k", 10, "neighbours of the mutual kNN measure (1 <= k < --limit)")
+flags.DEFINE_string("text_column", "text", "text column of a local / hub dataset")
 flags.mark_flags_as_required(["models", "out_dir"])
 
 
 def run(command: str) -> dict:
+    """Check every input, then embed and compare into a staged copy of --out_dir."""
+    from linalign_jax.data import checks, fingerprint, load_texts
+    from linalign_jax.io_utils import check_outside, staged_dir
+    from linalign_jax.similarity import MEASURES
+
+    if len(FLAGS.models) < 2:
+        raise LinalignError(f"--models needs at least 2 specs, got {FLAGS.models}")
+    unknown = [m for m in FLAGS.measures if m not in MEASURES]
+    if unknown:
+        raise LinalignError(f"unknown similarity measure(s) {unknown}; known: {', '.join(MEASURES)}")
+    checks.check_limits(limit=FLAGS.limit)
+    check_outside(FLAGS.out_dir, feature_cache=FLAGS.feature_cache, data=FLAGS.data)
+    texts = load_texts(FLAGS.data, limit=FLAGS.limit or None, seed=FLAGS.seed, text_column=FLAGS.text_column)
+    checks.check_rows(FLAGS.data, len(texts), 4, "similarity", "raise --limit or give more texts")
+    if "mutual_knn" in FLAGS.measures:
+        checks.check_knn(FLAGS.knn_k, len(texts), f"({FLAGS.data}, --limit={FLAGS.limit})",
+                         "lower --knn_k or raise --limit")
+    with staged_dir(FLAGS.out_dir) as out_dir:
+        return _run_into(out_dir, texts, fingerprint(texts), command)
+
+
+def _run_into(out_dir: Path, texts: list, data_fp: str, command: str) -> dict:
     import jax
     import numpy as np
 
     from linalign_jax import reports
-    from linalign_jax.data import fingerprint, load_texts
-    from linalign_jax.features import cached_features
+    from linalign_jax.embedders import open_embedder
     from linalign_jax.io_utils import atomic_write_json, atomic_write_text
-    from linalign_jax.models import load_model
     from linalign_jax.similarity import similarity_matrices
 
-    if len(FLAGS.models) < 2:
-        raise LinalignError(f"--models needs at least 2 specs, got {FLAGS.models}")
     start = time.perf_counter()
-    out_dir = Path(FLAGS.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "similarity.json").unlink(missing_ok=True)
-    texts = load_texts(FLAGS.data, limit=FLAGS.limit, seed=FLAGS.seed)
-    data_fp = fingerprint(texts)
     features, models = {}, []
     for spec in FLAGS.models:
-        print(f"loading {spec}", file=sys.stderr, flush=True)
-        model = load_model(spec)
-        fs = cached_features(model, texts, data_fp, pooling=FLAGS.pooling, max_length=FLAGS.max_length,
-                             normalize=FLAGS.normalize, batch_size=FLAGS.batch_size, cache_dir=FLAGS.feature_cache)
+        embedder = open_embedder(spec)
+        fs = embedder.features(texts, data_fp, pooling=FLAGS.pooling, max_length=FLAGS.max_length,
+                               normalize=FLAGS.normalize, batch_size=FLAGS.batch_size, cache_dir=FLAGS.feature_cache,
+                               data=FLAGS.data)
         features[spec] = fs.array
-        models.append({"spec": spec, "fingerprint": model.fingerprint, "dim": int(model.hidden_size),
-                       "cache": fs.metadata.get("cache")})
-        del model
-    mats = similarity_matrices(features, FLAGS.measures, key=jax.random.key(FLAGS.seed))
+        models.append({**embedder.info(), "cache": fs.metadata.get("cache")})
+        del embedder
+    mats = similarity_matrices(features, FLAGS.measures, key=jax.random.key(FLAGS.seed), knn_k=FLAGS.knn_k)
     names = [m["spec"] for m in models]
     for measure, mat in mats.items():
         if measure != "mutual_knn_z":
@@ -75,7 +91,7 @@ def run(command: str) -> dict:
     result = {"command": command, "models": models, "data": {"spec": FLAGS.data, "n": len(texts),
                                                              "fingerprint": data_fp},
               "config": {"pooling": FLAGS.pooling, "normalize": FLAGS.normalize, "max_length": FLAGS.max_length,
-                         "measures": FLAGS.measures, "seed": FLAGS.seed},
+                         "measures": FLAGS.measures, "seed": FLAGS.seed, "knn_k": FLAGS.knn_k},
               "matrices": {k: np.asarray(v).tolist() for k, v in mats.items()},
               "timing": {"total_s": time.perf_counter() - start}}
     atomic_write_json(out_dir / "similarity.json", result)

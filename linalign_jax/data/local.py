@@ -17,9 +17,9 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 _INT = re.compile(r"^-?\d+$")
 
 
-def read_table(path: Path, columns: List[str], int_column: str | None = None) -> Dict[str, list]:
-    """`columns` of the table at `path`; LinalignError naming the columns found when one is missing. A CSV / TSV
-    `int_column` whose values are all integer literals is returned as ints."""
+def read_table(path: Path, columns: List[str] | None, int_column: str | None = None) -> Dict[str, list]:
+    """`columns` of the table at `path` (None: all of them); LinalignError naming the columns found when one is
+    missing. A CSV / TSV `int_column` whose values are all integer literals is returned as ints."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         table = _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
@@ -36,6 +36,7 @@ def read_table(path: Path, columns: List[str], int_column: str | None = None) ->
         table = pyarrow.parquet.read_table(path).to_pydict()
     else:
         raise LinalignError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(TABLE_SUFFIXES)}")
+    columns = list(table) if columns is None else columns
     missing = [c for c in columns if c not in table]
     if missing:
         raise LinalignError(f"{path} has no {' / '.join(map(repr, missing))} column; "

@@ -47,3 +47,10 @@ def stratified_split(labels: Sequence[int], test_size: Union[int, float], seed: 
         test.append(members[:k])
         train.append(members[k:])
     return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+
+
+def stratified_subsample(labels: Sequence[int], limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of a stratified subsample of `limit` rows (all rows when limit is 0 or ≥ N)."""
+    if limit <= 0 or limit >= len(labels):
+        return np.arange(len(labels))
+    return np.sort(stratified_split(labels, limit, seed)[1])
