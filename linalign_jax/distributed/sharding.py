@@ -27,7 +27,9 @@ FSDP_MIN_SIZE = 1 << 18
 
 # The project's transformer layouts (models/core.py decoders, bert/mpnet encoders): projections into the wide side are
 # split by output, projections back by input, embeddings by vocab. Matched with re.search on the full path.
+# Mixture-of-experts weights [E, in, out] are split by expert: each device holds whole experts.
 TRANSFORMER_RULES: Rules = (
+    (r"(^|/)experts_(gate|up|down)_proj$", P(MODEL_AXIS, None, None)),
     (r"(^|/)(embed|word_embeddings)/embedding$", P(MODEL_AXIS, None)),
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value)/kernel$", P(None, MODEL_AXIS)),
     (r"(o_proj|down_proj|attention/out)/kernel$", P(MODEL_AXIS, None)),

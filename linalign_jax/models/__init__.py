@@ -6,6 +6,7 @@ $LINALIGN_CACHE, see gguf.py). The directory's `config.json` `model_type` picks 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Callable, Dict
 import jax
 
 from linalign_jax.errors import LinalignError
-from linalign_jax.models import bert, checkpoint, core, gemma3, gguf, gpt2, llama, mpnet, qwen
+from linalign_jax.models import (apertus, bert, checkpoint, core, gemma, gemma3, gguf, gpt2, llama, mistral3,
+                                  mixtral, mpnet, olmo, phi3, qwen, qwen_moe)
 from linalign_jax.models.base import LoadedModel
 from linalign_jax.models.tokenizer import load_tokenizer
 
@@ -28,7 +30,9 @@ def _decoder_loader(family) -> Callable[..., LoadedModel]:
         hf = json.loads((model_dir / "config.json").read_text())
         config = family.config_from_hf(hf, dtype)
         tensors = checkpoint.read_checkpoint(model_dir)
-        tensors = getattr(family, "normalize_names", lambda t: t)(tensors)
+        tensors = getattr(family, "normalize_names", checkpoint.causal_lm_names)(tensors)
+        if not config.tie_embeddings and "lm_head.weight" not in tensors:  # a base-model checkpoint: no logits
+            config = dataclasses.replace(config, has_lm_head=False)
         params = checkpoint.params_from_tensors(tensors, family.rules(config), config.num_layers,
                                                 config.compute_dtype, family.ignore(config), config.family)
         expected = jax.eval_shape(functools.partial(core.init_params, config), jax.random.PRNGKey(0))
@@ -62,6 +66,13 @@ REGISTRY: Dict[str, Callable[..., LoadedModel]] = {
     **{t: _decoder_loader(qwen) for t in qwen.MODEL_TYPES},
     **{t: _decoder_loader(gemma3) for t in gemma3.MODEL_TYPES},
     **{t: _decoder_loader(gpt2) for t in gpt2.MODEL_TYPES},
+    **{t: _decoder_loader(gemma) for t in gemma.MODEL_TYPES},
+    **{t: _decoder_loader(olmo) for t in olmo.MODEL_TYPES},
+    **{t: _decoder_loader(apertus) for t in apertus.MODEL_TYPES},
+    **{t: _decoder_loader(phi3) for t in phi3.MODEL_TYPES},
+    **{t: _decoder_loader(mistral3) for t in mistral3.MODEL_TYPES},
+    **{t: _decoder_loader(qwen_moe) for t in qwen_moe.MODEL_TYPES},
+    **{t: _decoder_loader(mixtral) for t in mixtral.MODEL_TYPES},
     # ---- encoders: loaders with the same signature, load(model_dir, *, spec, dtype) -> LoadedModel ----
     "bert": bert.load,
     "mpnet": mpnet.load,

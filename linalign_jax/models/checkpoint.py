@@ -8,7 +8,13 @@ A family describes its checkpoint as a table of rules (hf_name, param_path, tran
 per-layer tensor: the tensors of all layers are stacked on a leading axis under "layers/", the layout `nn.scan`
 gives. Transforms: "" keeps the tensor, "T" transposes a torch Linear weight [out, in] into a Dense kernel [in, out],
 "split3" cuts a fused q|k|v tensor along its last axis into the paths with `{qkv}` replaced by q, k and v (GPT-2's
-Conv1D already stores [in, out]).
+Conv1D already stores [in, out]), "Tsplit:n1,n2,..." transposes and cuts the last axis into those sizes, for a path
+naming the parts as `{a|b|...}` (phi3's fused qkv_proj and gate_up_proj). `{e}` in a per-layer name marks one tensor
+per expert (mixture of experts): they are stacked on an expert axis after the layer axis, [L, E, ...].
+
+Checkpoints come in two layouts: the causal LM (`AutoModelForCausalLM.save_pretrained`: names under `model.`, plus
+`lm_head.weight` when untied) and the base model (`AutoModel`: the same names without `model.`, no head), which is how
+embedding models ship. `causal_lm_names` renames the second into the first so one table reads both.
 """
 from __future__ import annotations
 
@@ -71,7 +77,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Dict[str, np.ndarray]) -
     names = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
     header, offset, blobs = {}, 0, []
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
+        arr = np.ascontiguousarray(tensors[name]).reshape(np.shape(tensors[name]))  # keeps 0-d shapes
         blob = arr.tobytes()
         header[name] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
                         "data_offsets": [offset, offset + len(blob)]}
@@ -121,7 +127,49 @@ def _apply(transform: str, array: np.ndarray, path: str) -> List[Tuple[str, np.n
         return [(path, array.T)]
     if transform == "split3":
         return [(path.replace("{qkv}", n), part) for n, part in zip("qkv", np.split(array, 3, axis=-1))]
+    if transform.startswith("Tsplit:"):
+        sizes = [int(n) for n in transform[len("Tsplit:"):].split(",")]
+        alternatives = re.search(r"\{([^}]+)\}", path)
+        names = alternatives.group(1).split("|")
+        if array.shape[0] != sum(sizes):
+            raise LinalignError(f"fused tensor for {path} has {array.shape[0]} rows, the config needs {sum(sizes)}")
+        parts = np.split(array.T, np.cumsum(sizes)[:-1], axis=-1)
+        return [(path.replace(alternatives.group(0), n), part) for n, part in zip(names, parts)]
     raise ValueError(f"unknown transform {transform!r}")
+
+
+def _expert_names(pattern: str, layer: int, tensors: Dict[str, Any]) -> List[str]:
+    """The per-expert names of one layer, experts 0, 1, ... while present (the count is checked by `check_shapes`)."""
+    names = []
+    while (name := pattern.format(i=layer, e=len(names))) in tensors:
+        names.append(name)
+    return names
+
+
+def causal_lm_names(tensors: Dict[str, Any], prefix: str = "model.") -> Dict[str, Any]:
+    """A base-model checkpoint (no name under `prefix`) renamed into the causal-LM layout; others unchanged."""
+    if any(name.startswith(prefix) for name in tensors):
+        return tensors
+    return {prefix + name: value for name, value in tensors.items()}
+
+
+# Multimodal checkpoints (gemma3, mistral3): where transformers 4 and 5 put the language model, in the causal-LM
+# (...ForConditionalGeneration) and base (...Model) layouts; first match wins. The vision parts are not read.
+LANGUAGE_MODEL_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                           ("language_model.lm_head.", "lm_head."), ("language_model.", "model."))
+VISION_IGNORE = (r"(model\.)?(vision_tower|multi_modal_projector)\..*",)
+
+
+def language_model_names(tensors: Dict[str, Any]) -> Dict[str, Any]:
+    """A multimodal or text-only checkpoint, in either layout, renamed to the text causal-LM layout."""
+    out = {}
+    for name, value in tensors.items():
+        for old, new in LANGUAGE_MODEL_PREFIXES:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        out[name] = value
+    return causal_lm_names(out)
 
 
 def params_from_tensors(tensors: Dict[str, np.ndarray], rules: Sequence[Rule], num_layers: int, dtype,
@@ -134,7 +182,16 @@ def params_from_tensors(tensors: Dict[str, np.ndarray], rules: Sequence[Rule], n
     params: Dict[str, Any] = {}
     used = set()
     for hf_name, path, transform in rules:
-        if "{i}" in hf_name:
+        if "{e}" in hf_name:
+            per_layer = [_expert_names(hf_name, i, tensors) for i in range(num_layers)]
+            if not all(per_layer) or len({len(n) for n in per_layer}) > 1:
+                raise LinalignError(f"{family} checkpoint lacks experts {hf_name} (found "
+                                    f"{[len(n) for n in per_layer]} per layer)")
+            stacked = np.stack([np.stack([np.asarray(tensors[n]) for n in names]) for names in per_layer])
+            _set(params, "layers/" + path, (np.swapaxes(stacked, -1, -2) if transform == "T" else stacked
+                                            ).astype(dtype, copy=False))
+            used.update(n for names in per_layer for n in names)
+        elif "{i}" in hf_name:
             names = [hf_name.format(i=i) for i in range(num_layers)]
             missing = [n for n in names if n not in tensors]
             if missing:

@@ -43,13 +43,41 @@ from linalign_jax.models import attention as attention_ops
 from linalign_jax.models.base import ModelOutput
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ROPE_KINDS = ("default", "linear", "llama3", "yarn")
+ROPE_KINDS = ("default", "linear", "llama3", "yarn", "longrope")
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
 FULL, SLIDING = "full_attention", "sliding_attention"
+XIELU = "xielu"  # apertus: an activation with learned per-layer parameters (see `Mlp`)
+MOE_IMPLS = ("auto", "dense", "grouped")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Mixture of experts: a softmax router over `num_experts` gated MLPs keeps the `top_k` most probable per token
+    and adds their outputs weighted by those probabilities (renormalised to sum 1 when `normalize_top_k`: mixtral,
+    qwen3_moe's norm_topk_prob). qwen2_moe adds an always-on shared expert scaled by sigmoid(x . gate).
+
+    impl "dense" runs every expert on every token and weights the outputs (zero weight outside the top k): exact, and
+    the fast choice on CPU for small expert counts. "grouped" sorts the (token, expert) pairs by expert and runs only
+    those with `jax.lax.ragged_dot`. "auto" is dense on CPU, grouped elsewhere.
+    """
+
+    num_experts: int
+    top_k: int
+    expert_size: int
+    normalize_top_k: bool = False
+    shared_expert_size: int = 0
+    impl: str = "auto"
+
+    def __post_init__(self):
+        if not 0 < self.top_k <= self.num_experts:
+            raise LinalignError(f"mixture of experts needs 0 < top_k <= num_experts, got {self.top_k} of "
+                                f"{self.num_experts}")
+        if self.impl not in MOE_IMPLS:
+            raise LinalignError(f"unsupported MoE impl {self.impl!r}; supported: {', '.join(MOE_IMPLS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,15 +96,20 @@ class RopeConfig:
     mscale: Optional[float] = None
     mscale_all_dim: Optional[float] = None
     truncate: bool = True
+    short_factor: Tuple[float, ...] = ()        # longrope: per-frequency divisors up to the pre-training length
+    long_factor: Tuple[float, ...] = ()         # longrope: ... and beyond it
 
     def __post_init__(self):
         if self.kind not in ROPE_KINDS:
             raise LinalignError(f"unsupported rope_type {self.kind!r}; supported: {', '.join(ROPE_KINDS)}")
 
-    def inverse_frequencies(self, head_dim: int) -> Tuple[np.ndarray, float]:
-        """(inv_freq [head_dim // 2] float32, cos/sin scale), computed in float64 on the host."""
+    def inverse_frequencies(self, head_dim: int, long: bool = False) -> Tuple[np.ndarray, float]:
+        """(inv_freq [head_dim // 2] float32, cos/sin scale), computed in float64 on the host. `long` picks
+        longrope's long factors (the other kinds have one set)."""
         inv_freq = 1.0 / self.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
         scale = 1.0
+        if self.kind == "longrope":
+            return self._longrope(inv_freq, long)
         if self.kind == "linear":
             inv_freq = inv_freq / self.factor
         elif self.kind == "llama3":
@@ -84,6 +117,17 @@ class RopeConfig:
         elif self.kind == "yarn":
             inv_freq, scale = self._yarn(inv_freq, head_dim)
         return inv_freq.astype(np.float32), scale
+
+    def _longrope(self, inv_freq: np.ndarray, long: bool) -> Tuple[np.ndarray, float]:
+        factors = np.asarray(self.long_factor if long else self.short_factor, np.float64)
+        if factors.shape != inv_freq.shape:
+            raise LinalignError(f"longrope needs {inv_freq.size} short and long factors, got {len(self.short_factor)}"
+                                f" and {len(self.long_factor)}")
+        old = self.original_max_position_embeddings
+        scale = self.attention_factor
+        if scale is None:  # from the context extension factor, as transformers derives it
+            scale = 1.0 if self.factor <= 1 else math.sqrt(1 + math.log(self.factor) / math.log(old))
+        return (inv_freq / factors).astype(np.float32), float(scale)
 
     def _llama3(self, inv_freq: np.ndarray) -> np.ndarray:
         old = self.original_max_position_embeddings
@@ -140,7 +184,9 @@ class DecoderConfig:
     qkv_bias: bool = False
     out_bias: bool = False                 # bias on o_proj and the MLP (gpt2)
     qk_norm: bool = False                  # RMSNorm over head_dim on q and k (qwen3, gemma3)
-    sandwich_norms: bool = False           # extra norms after attention and MLP (gemma3)
+    qk_norm_all_heads: bool = False        # ... over all heads at once, before the head split (olmo2, olmo3)
+    pre_norms: bool = True                 # norms before attention and MLP; False: only the post norms (olmo2)
+    sandwich_norms: bool = False           # extra norms after attention and MLP (gemma2, gemma3, olmo2)
     embed_scale: bool = False              # multiply embeddings by sqrt(hidden_size) (gemma)
     learned_positions: bool = False        # gpt2: absolute position embeddings instead of RoPE
     rope: RopeConfig = RopeConfig()
@@ -148,9 +194,14 @@ class DecoderConfig:
     layer_types: Tuple[str, ...] = ()      # FULL / SLIDING per layer
     sliding_window: Optional[int] = None
     query_scale: float = 0.0               # 0 -> head_dim ** -0.5
+    # ministral3 (Llama 4 scaling): queries times 1 + beta * log(1 + floor(position / period)), after RoPE.
+    query_position_beta: float = 0.0
+    query_position_period: int = 1
+    moe: Optional["MoeConfig"] = None      # a mixture of experts replaces every layer's MLP
     attn_logit_softcap: Optional[float] = None
     final_logit_softcap: Optional[float] = None
     tie_embeddings: bool = True
+    has_lm_head: bool = True               # False: an untied base-model checkpoint (no lm_head.weight), no logits
     pad_token_id: int = 0
     dtype: str = "float32"
     attention: str = "auto"                # attention_ops.IMPLEMENTATIONS; how, not what: not in the fingerprint
@@ -170,6 +221,9 @@ class DecoderConfig:
                 f"layer_types must be {self.num_layers} of {FULL!r}/{SLIDING!r}, got {self.layer_types}")
         if SLIDING in self.layer_types and not self.sliding_window:
             raise LinalignError("sliding_attention layers need a positive sliding_window")
+        if self.activation not in ACTIVATIONS and self.activation != XIELU:
+            raise LinalignError(f"unsupported activation {self.activation!r}; supported: "
+                                f"{', '.join([*ACTIVATIONS, XIELU])}")
 
     @property
     def compute_dtype(self):
@@ -217,9 +271,17 @@ def rotate(x, cos, sin):
 
 
 def rope_tables(rope: RopeConfig, head_dim: int, positions):
-    """cos, sin [B, T, head_dim // 2] float32 for integer positions [B, T]."""
+    """cos, sin [B, T, head_dim // 2] float32 for integer positions [B, T].
+
+    longrope, like transformers, uses its long factors for the whole call once any position reaches the pre-training
+    length (so a cached prefix computed with the short ones is not re-rotated: the same as transformers' cache).
+    """
     inv_freq, scale = rope.inverse_frequencies(head_dim)
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    inv_freq = jnp.asarray(inv_freq)
+    if rope.kind == "longrope":
+        long = jnp.max(positions) + 1 > rope.original_max_position_embeddings
+        inv_freq = jnp.where(long, jnp.asarray(rope.inverse_frequencies(head_dim, long=True)[0]), inv_freq)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
@@ -249,15 +311,21 @@ class Attention(nn.Module):
         cfg = self.config
         dense = lambda n, bias, name: nn.Dense(n, use_bias=bias, dtype=cfg.compute_dtype, name=name)  # noqa: E731
         B, T, _ = x.shape
-        q = dense(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, "q_proj")(x).reshape(B, T, cfg.num_heads, cfg.head_dim)
-        k = dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "k_proj")(x).reshape(B, T, cfg.num_kv_heads, -1)
+        q = dense(cfg.num_heads * cfg.head_dim, cfg.qkv_bias, "q_proj")(x)
+        k = dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "k_proj")(x)
         v = dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "v_proj")(x).reshape(B, T, cfg.num_kv_heads, -1)
-        if cfg.qk_norm:
+        if cfg.qk_norm and cfg.qk_norm_all_heads:
+            q, k = Norm(cfg, name="q_norm")(q), Norm(cfg, name="k_norm")(k)
+        q, k = q.reshape(B, T, cfg.num_heads, cfg.head_dim), k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm and not cfg.qk_norm_all_heads:
             q, k = Norm(cfg, name="q_norm")(q), Norm(cfg, name="k_norm")(k)
         if not cfg.learned_positions:
             cos = jnp.where(is_sliding, ctx["cos_local"], ctx["cos"])
             sin = jnp.where(is_sliding, ctx["sin_local"], ctx["sin"])
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if cfg.query_position_beta:
+            periods = jnp.floor(jnp.maximum(ctx["q_pos"], 0) / cfg.query_position_period)
+            q = q * (1 + cfg.query_position_beta * jnp.log1p(periods))[:, :, None, None].astype(q.dtype)
         if cache_kv is not None:  # write the new slots, then attend over the whole buffer
             start = (0, ctx["cache_index"], 0, 0)
             k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
@@ -277,10 +345,70 @@ class Mlp(nn.Module):
     def __call__(self, x):
         cfg = self.config
         dense = lambda n, name: nn.Dense(n, use_bias=cfg.out_bias, dtype=cfg.compute_dtype, name=name)  # noqa: E731
-        act = ACTIVATIONS[cfg.activation]
+        act = XieluActivation(name="act") if cfg.activation == XIELU else ACTIVATIONS[cfg.activation]
         h = dense(cfg.intermediate_size, "up_proj")(x)
         h = act(dense(cfg.intermediate_size, "gate_proj")(x)) * h if cfg.gated_mlp else act(h)
         return dense(cfg.hidden_size, "down_proj")(h)
+
+
+class XieluActivation(nn.Module):
+    """xIELU (arXiv 2411.13010; apertus): quadratic for x > 0, a saturating exponential below, with learned slopes
+    (stored through softplus, as transformers does) and the checkpoint's beta and eps."""
+
+    @nn.compact
+    def __call__(self, x):
+        alpha_p = jax.nn.softplus(self.param("alpha_p", nn.initializers.zeros, (1,), jnp.float32))
+        beta = self.param("beta", nn.initializers.constant(0.5), (), jnp.float32)
+        alpha_n = beta + jax.nn.softplus(self.param("alpha_n", nn.initializers.zeros, (1,), jnp.float32))
+        eps = self.param("eps", nn.initializers.constant(-1e-6), (), jnp.float32)
+        alpha_p, alpha_n, beta, eps = (a.astype(x.dtype) for a in (alpha_p, alpha_n, beta, eps))
+        return jnp.where(x > 0, alpha_p * x * x + beta * x, (jnp.expm1(jnp.minimum(x, eps)) - x) * alpha_n + beta * x)
+
+
+def moe_impl(moe: MoeConfig) -> str:
+    return ("dense" if jax.default_backend() == "cpu" else "grouped") if moe.impl == "auto" else moe.impl
+
+
+class MoeMlp(nn.Module):
+    """The mixture of experts of `MoeConfig`. Expert weights are stacked [E, in, out] (sharded over the mesh's "model"
+    axis by distributed.TRANSFORMER_RULES); the router's softmax and top-k run in float32, as in transformers."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, moe = self.config, self.config.moe
+        E, d, f = moe.num_experts, cfg.hidden_size, moe.expert_size
+        dt = cfg.compute_dtype
+        router = nn.Dense(E, use_bias=False, dtype=dt, name="router")(x)
+        probs = jax.nn.softmax(router.astype(jnp.float32), axis=-1)
+        top, index = jax.lax.top_k(probs, moe.top_k)                              # [..., k]
+        if moe.normalize_top_k:
+            top = top / jnp.sum(top, axis=-1, keepdims=True)
+        init = nn.initializers.lecun_normal(batch_axis=(0,))
+        gate = self.param("experts_gate_proj", init, (E, d, f), jnp.float32).astype(dt)
+        up = self.param("experts_up_proj", init, (E, d, f), jnp.float32).astype(dt)
+        down = self.param("experts_down_proj", init, (E, f, d), jnp.float32).astype(dt)
+        act = ACTIVATIONS[cfg.activation]
+        if moe_impl(moe) == "dense":  # every expert on every token; weights are zero outside the top k
+            weights = jnp.sum(jax.nn.one_hot(index, E, dtype=jnp.float32) * top[..., None], axis=-2)  # [..., E]
+            h = act(jnp.einsum("...d,edf->...ef", x, gate)) * jnp.einsum("...d,edf->...ef", x, up)
+            out = jnp.einsum("...ef,efd->...d", h * weights[..., None].astype(dt), down)
+        else:  # only the chosen (token, expert) pairs, grouped by expert
+            rows = x.reshape(-1, d)
+            experts = index.reshape(-1)
+            order = jnp.argsort(experts)
+            token = order // moe.top_k
+            sizes = jnp.bincount(experts, length=E).astype(jnp.int32)
+            xs = rows[token]
+            h = act(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+            ys = jax.lax.ragged_dot(h, down, sizes) * top.reshape(-1)[order][:, None].astype(dt)
+            out = jnp.zeros_like(rows).at[token].add(ys).reshape(x.shape)
+        if moe.shared_expert_size:
+            shared = Mlp(dataclasses.replace(cfg, intermediate_size=moe.shared_expert_size, moe=None),
+                         name="shared_expert")(x)
+            out = out + jax.nn.sigmoid(nn.Dense(1, use_bias=False, dtype=dt, name="shared_expert_gate")(x)) * shared
+        return out
 
 
 class Block(nn.Module):
@@ -293,11 +421,12 @@ class Block(nn.Module):
     def __call__(self, x, xs, ctx):
         cfg = self.config
         is_sliding, cache_kv = xs
-        h, kv = Attention(cfg, name="attn")(Norm(cfg, name="attn_norm")(x), is_sliding, ctx, cache_kv)
+        pre_norm = (lambda name: Norm(cfg, name=name)) if cfg.pre_norms else (lambda name: lambda y: y)
+        h, kv = Attention(cfg, name="attn")(pre_norm("attn_norm")(x), is_sliding, ctx, cache_kv)
         if cfg.sandwich_norms:
             h = Norm(cfg, name="attn_post_norm")(h)
         x = x + h
-        h = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
+        h = (MoeMlp if cfg.moe else Mlp)(cfg, name="mlp")(pre_norm("mlp_norm")(x))
         if cfg.sandwich_norms:
             h = Norm(cfg, name="mlp_post_norm")(h)
         x = x + h
@@ -324,7 +453,7 @@ class Decoder(nn.Module):
             ctx["cos"], ctx["sin"] = rope_tables(cfg.rope, cfg.head_dim, q_pos)
             local = cfg.local_rope or cfg.rope
             ctx["cos_local"], ctx["sin_local"] = rope_tables(local, cfg.head_dim, q_pos)
-        if not cfg.tie_embeddings:  # declared here so `init` creates it; applied by `lm_head`
+        if not cfg.tie_embeddings and cfg.has_lm_head:  # declared here so `init` creates it; applied by `lm_head`
             self.param("lm_head", nn.initializers.lecun_normal(), (cfg.hidden_size, cfg.vocab_size), jnp.float32)
         layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast), length=cfg.num_layers)
@@ -359,6 +488,9 @@ def lm_head(config: DecoderConfig, params, hidden):
     by a [d, vocab] kernel about 12x faster than by the transposed [vocab, d] embedding (measured: 0.36 s vs 4.4 s of
     CPU for 5 x 640 x 262k), and every decoding step pays this product.
     """
+    if not (config.tie_embeddings or config.has_lm_head):
+        raise LinalignError(f"this {config.family} checkpoint is a base model (no lm_head.weight, untied embeddings): "
+                            "it gives hidden states but no logits; load its causal-LM checkpoint for an LM head")
     hidden = hidden.astype(config.compute_dtype)
     if "lm_head" in params:
         logits = jnp.einsum("...d,dv->...v", hidden, params["lm_head"].astype(config.compute_dtype),
@@ -374,7 +506,7 @@ def lm_head(config: DecoderConfig, params, hidden):
 def with_head_kernel(config: DecoderConfig, params):
     """For tied models, add the output kernel [d, vocab] as a contiguous copy of embedding.T (see `lm_head`); costs
     one more vocabulary matrix of memory. Untied models already have it."""
-    if "lm_head" in params:
+    if "lm_head" in params or not config.tie_embeddings:
         return params
     return {**params, "lm_head": jnp.asarray(params["embed"]["embedding"]).T.copy()}
 

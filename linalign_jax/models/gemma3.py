@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple
 
 from linalign_jax.errors import LinalignError
-from linalign_jax.models import llama
+from linalign_jax.models import checkpoint, llama
 from linalign_jax.models.checkpoint import Rule
 from linalign_jax.models.core import FULL, SLIDING, DecoderConfig
 
@@ -22,30 +22,18 @@ NORM_RULES: Tuple[Rule, ...] = (
     ("model.layers.{i}.self_attn.q_norm.weight", "attn/q_norm/scale", ""),
     ("model.layers.{i}.self_attn.k_norm.weight", "attn/k_norm/scale", ""),
 )
-# Multimodal checkpoints: transformers 4 and 5 prefixes of the language model, and the parts we do not use.
-TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
-                 ("language_model.lm_head.", "lm_head."))
-IGNORE = llama.IGNORE + (r"(model\.)?(vision_tower|multi_modal_projector)\..*",)
+IGNORE = llama.IGNORE + checkpoint.VISION_IGNORE
 
 
 def ignore(config: DecoderConfig) -> Tuple[str, ...]:
     return IGNORE + ((r"lm_head\.weight",) if config.tie_embeddings else ())
 
 
-def normalize_names(tensors: Dict[str, Any]) -> Dict[str, Any]:
-    out = {}
-    for name, value in tensors.items():
-        for old, new in TEXT_PREFIXES:
-            if name.startswith(old):
-                name = new + name[len(old):]
-                break
-        out[name] = value
-    return out
+normalize_names = checkpoint.language_model_names
 
 
 def rules(config: DecoderConfig) -> Tuple[Rule, ...]:
-    return (llama.GLOBAL_RULES + llama.ATTENTION_RULES + llama.MLP_RULES + NORM_RULES
-            + (() if config.tie_embeddings else llama.UNTIED_RULES))
+    return llama.GLOBAL_RULES + llama.ATTENTION_RULES + llama.MLP_RULES + NORM_RULES + llama.head_rules(config)
 
 
 def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:

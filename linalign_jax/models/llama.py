@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple
 
 from linalign_jax.errors import LinalignError
-from linalign_jax.models.checkpoint import Rule
+from linalign_jax.models.checkpoint import Rule, causal_lm_names
 from linalign_jax.models.core import FULL, SLIDING, DecoderConfig, RopeConfig
 
 FAMILY = "llama"
@@ -24,16 +24,25 @@ ATTENTION_RULES: Tuple[Rule, ...] = tuple(
     (f"model.layers.{{i}}.self_attn.{p}_proj.weight", f"attn/{p}_proj/kernel", "T") for p in "qkvo")
 MLP_RULES: Tuple[Rule, ...] = tuple(
     (f"model.layers.{{i}}.mlp.{p}_proj.weight", f"mlp/{p}_proj/kernel", "T") for p in ("gate", "up", "down"))
-LAYER_RULES: Tuple[Rule, ...] = ATTENTION_RULES + MLP_RULES + (
+PRE_NORM_RULES: Tuple[Rule, ...] = (
     ("model.layers.{i}.input_layernorm.weight", "attn_norm/scale", ""),
     ("model.layers.{i}.post_attention_layernorm.weight", "mlp_norm/scale", ""),
 )
+LAYER_RULES: Tuple[Rule, ...] = ATTENTION_RULES + MLP_RULES + PRE_NORM_RULES
 # Buffers some exporters leave in checkpoints; recomputed from the config.
 IGNORE = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq")
 
 
+normalize_names = causal_lm_names  # base-model checkpoints (e5-mistral) have no `model.` prefix
+
+
+def head_rules(config: DecoderConfig) -> Tuple[Rule, ...]:
+    """lm_head.weight for untied models that have one (a base-model checkpoint has none)."""
+    return UNTIED_RULES if config.has_lm_head and not config.tie_embeddings else ()
+
+
 def rules(config: DecoderConfig) -> Tuple[Rule, ...]:
-    return GLOBAL_RULES + LAYER_RULES + (() if config.tie_embeddings else UNTIED_RULES)
+    return GLOBAL_RULES + LAYER_RULES + head_rules(config)
 
 
 def ignore(config: DecoderConfig) -> Tuple[str, ...]:

@@ -2,6 +2,8 @@
 
 Every case holds the same sequences right- and left-padded; our position ids follow the mask, HF was given the same
 position ids, so both paddings must match HF on the real tokens (max abs error <= 1e-4, float32).
+Cases under fixtures/families/ commit no weights: their checkpoints are rebuilt from synthetic_weights.py under the
+names transformers saved, in the causal-LM layout and in the base-model layout (AutoModel: no `model.`, no head).
 """
 import json
 from pathlib import Path
@@ -12,22 +14,66 @@ import numpy as np
 import pytest
 
 from linalign_jax.errors import LinalignError
-from linalign_jax.models import load_model, supported_model_types
+from linalign_jax.models import checkpoint, load_model, supported_model_types
+from tests.fixtures.synthetic_weights import synthetic_checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "decoders"
-CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "expected.npz").exists())
+FAMILIES = FIXTURES.parent / "families"
+COMMITTED = sorted(p.name for p in FIXTURES.iterdir() if (p / "expected.npz").exists())
+SYNTHETIC = sorted(p.name for p in FAMILIES.iterdir() if (p / "layouts.json").exists())
+CASES = COMMITTED + SYNTHETIC
 TOL = 1e-4
 
 
+def _case_dir(name: str) -> Path:
+    return FIXTURES / name if name in COMMITTED else FAMILIES / name
+
+
+def materialize(name: str, layout: str, root: Path) -> Path:
+    """An HF directory for a families/ case: config, tokenizer and the synthetic weights in `layout`."""
+    spec = json.loads((FAMILIES / name / "layouts.json").read_text())
+    out = root / f"{name}-{layout}"
+    out.mkdir()
+    for f in ("config.json", "tokenizer.json"):
+        (out / f).write_bytes((FAMILIES / name / f).read_bytes())
+    if layout == "causal":
+        tensors = synthetic_checkpoint(name, spec["causal"])
+    else:
+        tensors = synthetic_checkpoint(name, {n: s for n, (s, _) in spec["base"].items()},
+                                       {n: src for n, (_, src) in spec["base"].items()})
+    checkpoint.write_safetensors(out / "model.safetensors", tensors)
+    return out
+
+
 def test_every_family_has_a_case():
-    families = {json.loads((FIXTURES / c / "config.json").read_text())["model_type"] for c in CASES}
-    assert families >= {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2"}
+    families = {json.loads((_case_dir(c) / "config.json").read_text())["model_type"] for c in CASES}
+    assert families >= {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "olmo2", "olmo3", "apertus",
+                        "qwen3_moe", "qwen2_moe", "mixtral", "gemma", "gemma2", "phi3", "mistral3"}
 
 
 @pytest.fixture(scope="module", params=CASES)
-def case(request):
-    model = load_model(str(FIXTURES / request.param))
-    return request.param, model, dict(np.load(FIXTURES / request.param / "expected.npz"))
+def case(request, tmp_path_factory):
+    name = request.param
+    path = FIXTURES / name if name in COMMITTED else materialize(name, "causal", tmp_path_factory.mktemp("causal"))
+    return name, load_model(str(path)), dict(np.load(_case_dir(name) / "expected.npz"))
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_base_model_layout_matches_transformers(name, tmp_path):
+    """The AutoModel checkpoint (no `model.` prefix, no lm_head) gives the same states; logits only when tied."""
+    model = load_model(str(materialize(name, "base", tmp_path)))
+    expected = np.load(FAMILIES / name / "expected.npz")
+    ids = jnp.asarray(expected["left_input_ids"], jnp.int32)
+    mask = jnp.asarray(expected["left_attention_mask"], jnp.int32)
+    hidden = model.forward(model.params, ids, mask).last_hidden_state
+    real = expected["left_attention_mask"].astype(bool)
+    np.testing.assert_allclose(np.asarray(hidden)[real], expected["left_last_hidden_state"][real], atol=TOL, rtol=0)
+    if model.config.tie_embeddings:
+        logits = np.asarray(model.lm_head(model.params, hidden))
+        np.testing.assert_allclose(logits[real], expected["left_logits"][real], atol=TOL, rtol=0)
+    else:
+        with pytest.raises(LinalignError, match="base model.*no logits"):
+            model.lm_head(model.params, hidden)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -51,6 +97,10 @@ def test_incremental_decoding_matches_full_forward(case):
     name, model, expected = case
     ids = jnp.asarray(expected["left_input_ids"], jnp.int32)
     mask = jnp.asarray(expected["left_attention_mask"], jnp.int32)
+    rope = model.config.rope
+    if rope.kind == "longrope" and ids.shape[1] > rope.original_max_position_embeddings:
+        pytest.skip("longrope switches every position to its long factors once the sequence passes the pre-training "
+                    "length, so a cache prefilled with the short ones differs from the full pass (as in transformers)")
     full = np.asarray(model.lm_head(model.params, model.forward(model.params, ids, mask, True).last_hidden_state))
     cache = model.init_cache(ids.shape[0], ids.shape[1] + 3)
     out, cache = model.extend(model.params, ids[:, :5], mask[:, :5], cache)

@@ -1,0 +1,42 @@
+"""Gemma (1) and Gemma 2: embeddings scaled by sqrt(d), (1 + w) RMSNorms, GeGLU (tanh gelu), tied embeddings.
+Gemma 2 adds gemma3's norms after attention and MLP, query scale query_pre_attn_scalar ** -0.5, logit soft-capping
+in attention and at the head, and alternating sliding-window / global layers (no q/k norms, one RoPE).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+from linalign_jax.errors import LinalignError
+from linalign_jax.models import gemma3, llama
+from linalign_jax.models.checkpoint import Rule
+from linalign_jax.models.core import FULL, SLIDING, DecoderConfig
+
+MODEL_TYPES = ("gemma", "gemma2")
+TANH_GELU = ("gelu", "gelu_pytorch_tanh", "gelu_tanh")  # "gelu" is gemma's legacy name for the tanh form
+SANDWICH_RULES: Tuple[Rule, ...] = tuple(r for r in gemma3.NORM_RULES if ".self_attn." not in r[0])
+ignore = llama.ignore
+normalize_names = llama.normalize_names
+
+
+def rules(config: DecoderConfig) -> Tuple[Rule, ...]:
+    norms = SANDWICH_RULES if config.sandwich_norms else llama.PRE_NORM_RULES
+    return llama.GLOBAL_RULES + llama.ATTENTION_RULES + llama.MLP_RULES + norms + llama.head_rules(config)
+
+
+def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
+    gemma2 = hf["model_type"] == "gemma2"
+    key = "hidden_activation" if gemma2 and hf.get("hidden_activation") else "hidden_act"
+    if hf.get(key, "gelu_pytorch_tanh") not in TANH_GELU:
+        raise LinalignError(f"{hf['model_type']} {key} {hf[key]!r} unsupported; expected one of {TANH_GELU}")
+    hf = {"tie_word_embeddings": True, **hf, "hidden_act": "silu"}  # decoder_fields checks llama's activation
+    common = dict(family=hf["model_type"], **llama.decoder_fields(hf, dtype), norm_unit_offset=True,
+                  activation="gelu_tanh", embed_scale=True)
+    if not gemma2:
+        return DecoderConfig(**common)
+    if hf.get("layer_types") is None:
+        hf["layer_types"] = [SLIDING if (i + 1) % 2 else FULL for i in range(hf["num_hidden_layers"])]
+    head_dim = common["head_dim"]
+    return DecoderConfig(
+        **common, **llama.sliding_fields(hf, default_sliding=False), sandwich_norms=True,
+        query_scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+        attn_logit_softcap=hf.get("attn_logit_softcapping"), final_logit_softcap=hf.get("final_logit_softcapping"))
