@@ -49,16 +49,20 @@ def _decoder_loader(family) -> Callable[..., LoadedModel]:
     return load
 
 
+# One jit per function, the config a static argument: models loaded twice with equal configs share compilations.
+_FORWARD = jax.jit(core.forward, static_argnums=(0, 4))
+_LM_HEAD = jax.jit(core.lm_head, static_argnums=(0,))
+_EXTEND = jax.jit(core.extend, static_argnums=(0, 5))
+
+
 def decoder_model(config: core.DecoderConfig, params, tokenizer, *, spec: str, fingerprint: str) -> LoadedModel:
     """Wrap a decoder config + params into a LoadedModel with jitted forward / head / cache functions."""
     return LoadedModel(
         spec=spec, family=config.family, config=config, module=core.Decoder(config), params=params,
         tokenizer=tokenizer, fingerprint=fingerprint, is_decoder=True, pad_token_id=config.pad_token_id,
         dtype=config.dtype,
-        forward_fn=jax.jit(functools.partial(core.forward, config), static_argnums=(3,)),
-        lm_head_fn=jax.jit(functools.partial(core.lm_head, config)),
-        init_cache_fn=functools.partial(core.init_cache, config),
-        extend_fn=jax.jit(functools.partial(core.extend, config), static_argnums=(4,)))
+        forward_fn=functools.partial(_FORWARD, config), lm_head_fn=functools.partial(_LM_HEAD, config),
+        init_cache_fn=functools.partial(core.init_cache, config), extend_fn=functools.partial(_EXTEND, config))
 
 
 REGISTRY: Dict[str, Callable[..., LoadedModel]] = {

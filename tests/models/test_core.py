@@ -1,5 +1,6 @@
 """The shared decoder core and checkpoint plumbing, on random weights (no HF fixtures needed)."""
 import dataclasses
+import functools
 import json
 import math
 
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from linalign_jax.errors import LinalignError
 from linalign_jax.models import checkpoint, core, gemma3, llama
@@ -218,3 +220,57 @@ def test_file_hash_is_memoised(tmp_path, monkeypatch):
     assert checkpoint.cached_sha256(f) == first
     f.write_bytes(b"other weights")  # size (and mtime) change: a new hash
     assert checkpoint.cached_sha256(f) != first
+
+
+# ---------------------------------------------------------------------------------------------- mixture of experts
+
+MOE_BASE = dataclasses.replace(TINY, hidden_size=8, moe=core.MoeConfig(num_experts=4, top_k=2, expert_size=6))
+
+
+def _moe_reference(params, x, moe):
+    """The definition, token by token in float64: sum over the top-k experts of weight * gated MLP (+ shared)."""
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
+    out = np.zeros(x.shape, np.float64)
+    for idx in np.ndindex(x.shape[:-1]):
+        h = np.asarray(x[idx], np.float64)
+        logits = h @ p["router"]["kernel"]
+        probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        top = np.argsort(-probs)[:moe.top_k]
+        weights = probs[top] / (probs[top].sum() if moe.normalize_top_k else 1.0)
+        for e, w in zip(top, weights):
+            out[idx] += w * (silu(h @ p["experts_gate_proj"][e]) * (h @ p["experts_up_proj"][e])) @ p[
+                "experts_down_proj"][e]
+        if moe.shared_expert_size:
+            s = p["shared_expert"]
+            shared = (silu(h @ s["gate_proj"]["kernel"]) * (h @ s["up_proj"]["kernel"])) @ s["down_proj"]["kernel"]
+            out[idx] += shared / (1 + np.exp(-(h @ p["shared_expert_gate"]["kernel"])))
+    return out
+
+
+@pytest.mark.parametrize("normalize,shared", [(True, 0), (False, 5)])  # mixtral / qwen3_moe, qwen2_moe
+def test_moe_dense_and_grouped_paths_match_the_definition(normalize, shared):
+    moe = dataclasses.replace(MOE_BASE.moe, normalize_top_k=normalize, shared_expert_size=shared)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 8))
+    params = core.MoeMlp(dataclasses.replace(MOE_BASE, moe=moe)).init(jax.random.PRNGKey(0), x)["params"]
+    expected = _moe_reference(params, np.asarray(x), moe)
+    for impl in ("dense", "grouped"):
+        cfg = dataclasses.replace(MOE_BASE, moe=dataclasses.replace(moe, impl=impl))
+        got = jax.jit(core.MoeMlp(cfg).apply)({"params": params}, x)
+        np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5, rtol=0, err_msg=impl)
+
+
+def test_moe_config_is_checked():
+    with pytest.raises(LinalignError, match="top_k <= num_experts"):
+        core.MoeConfig(num_experts=2, top_k=3, expert_size=4)
+    with pytest.raises(LinalignError, match="unsupported MoE impl 'sparse'"):
+        core.MoeConfig(num_experts=2, top_k=1, expert_size=4, impl="sparse")
+
+
+def test_experts_are_sharded_over_the_model_axis():
+    from linalign_jax import distributed
+
+    params = jax.eval_shape(functools.partial(core.init_params, MOE_BASE), jax.random.PRNGKey(0))
+    specs = distributed.partition_specs(params, distributed.local_mesh())
+    for name in ("gate", "up", "down"):  # [L, E, in, out]: whole experts per device
+        assert specs["layers"]["mlp"][f"experts_{name}_proj"] == P(None, "model", None, None)
