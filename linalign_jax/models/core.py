@@ -235,9 +235,11 @@ class DecoderConfig:
 
 
 def config_hash(config) -> str:
-    """sha256 of a config dataclass (all fields, dtype included, but not the attention implementation: both are
-    exact and agree to float rounding), part of the model fingerprint."""
+    """sha256 of a config dataclass (all fields, dtype included, but not the attention or MoE implementation: each
+    pair is exact and agrees to float rounding), part of the model fingerprint."""
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "attention"}
+    if fields.get("moe"):
+        fields["moe"] = {k: v for k, v in fields["moe"].items() if k != "impl"}
     return sha256_bytes(json.dumps(fields, sort_keys=True).encode())
 
 
