@@ -50,12 +50,21 @@ flags.DEFINE_string("public_data", "public", "unlabelled corpus spec for the pub
 flags.DEFINE_enum("pooling", "mean", ["mean", "last", "cls"], "how token states become one embedding")
 flags.DEFINE_bool("normalize", True, "L2-normalise pooled embeddings (what sentence-transformers models output)")
 flags.DEFINE_enum("map", "ridge", ["ridge", "optax", "procrustes", "rrr"], "map method")
-flags.DEFINE_string("ridge_lambda", "auto", "ridge λ (> 0) or 'auto' (GCV); used by ridge and rrr")
+flags.DEFINE_string("ridge_lambda", "auto", "ridge λ (> 0), 'auto' (GCV) or 'cv' (k-fold CV); used by ridge and rrr")
+flags.DEFINE_integer("cv_folds", 5, "folds for --ridge_lambda=cv")
+flags.DEFINE_bool("procrustes_scale", True, "Procrustes: fit one global scale s (False: a pure rotation, s = 1)")
+flags.DEFINE_integer("ood_knn_k", 10, "k of the kNN OOD detector (cosine distance to the k-th training neighbour)")
 flags.DEFINE_integer("rank", 64, "rank of the rrr map")
 flags.DEFINE_enum("procrustes_dims", "zero", ["zero", "pca"], "Procrustes with different dims: zero-pad or PCA")
 flags.DEFINE_enum("optax_loss", "mse", ["mse", "cosine"], "optax map loss")
-flags.DEFINE_enum("optax_optimizer", "adam", ["adam", "adamw"], "optax map optimizer")
-flags.DEFINE_float("optax_lr", 1e-3, "optax map learning rate")
+flags.DEFINE_enum("optax_optimizer", "sgd", ["sgd", "adam", "adamw"], "optax map optimizer (sgd: plain gradient "
+                  "descent, the ridge-like default)")
+flags.DEFINE_float("optax_lr", 0.5, "optax map learning rate (relative to the input covariance's top eigenvalue)")
+flags.DEFINE_enum("optax_schedule", "constant", ["constant", "cosine", "warmup_cosine"], "optax map lr schedule")
+flags.DEFINE_integer("optax_epochs", 2000, "optax map: most epochs (early stopping usually ends training sooner)")
+flags.DEFINE_integer("optax_patience", 20, "optax map: epochs without held-out improvement before stopping")
+flags.DEFINE_integer("optax_batch_size", 4096, "optax map: rows per step")
+flags.DEFINE_enum("optax_init", "zero", ["zero", "ridge"], "optax map start: W=0, b=mean(y), or the ridge map")
 flags.DEFINE_list("settings", ["native", "task_map", "public", "public+id", "few_shot"], "settings to evaluate")
 flags.DEFINE_list("shots", ["32", "64", "128"], "labelled task rows for public+id and few_shot (total, stratified)")
 flags.DEFINE_bool("per_class_shots", False, "--shots counts rows per class instead of in total")
@@ -92,6 +101,19 @@ def extract_all(spec: str, sets: dict, cfg: dict) -> tuple[dict, dict]:
     return feats, {**embedder.info(), "extract": status}
 
 
+def map_config_from(cfg: dict):
+    from linalign_jax.align.fit import MapConfig
+    from linalign_jax.align.optax_map import OptaxMapConfig
+
+    return MapConfig(method=cfg["map"], ridge_lambda=cfg["ridge_lambda"], rank=cfg["rank"],
+                     procrustes_dims=cfg["procrustes_dims"], procrustes_scale=cfg["procrustes_scale"],
+                     cv_folds=cfg["cv_folds"],
+                     optax=OptaxMapConfig(loss=cfg["optax_loss"], optimizer=cfg["optax_optimizer"],
+                                          learning_rate=cfg["optax_lr"], schedule=cfg["optax_schedule"],
+                                          max_epochs=cfg["optax_epochs"], patience=cfg["optax_patience"],
+                                          batch_size=cfg["optax_batch_size"], init=cfg["optax_init"]))
+
+
 def run(cfg: dict, command: str) -> dict:
     """The whole job into a staged copy of --out_dir (see the module docstring)."""
     from linalign_jax.io_utils import check_outside, staged_dir
@@ -105,8 +127,6 @@ def run(cfg: dict, command: str) -> dict:
 def _run_into(out_dir: Path, cfg: dict, command: str) -> dict:
     from linalign_jax import reports
     from linalign_jax.align import save_map
-    from linalign_jax.align.fit import MapConfig
-    from linalign_jax.align.optax_map import OptaxMapConfig
     from linalign_jax.data import fingerprint
     from linalign_jax.data.task import load_task_texts
     from linalign_jax.evaluate.settings import Paired, TaskFeatures, run_settings, setting_ids
@@ -115,10 +135,7 @@ def _run_into(out_dir: Path, cfg: dict, command: str) -> dict:
 
     start, cpu_start = time.perf_counter(), time.process_time()
     ids = setting_ids(cfg["settings"], cfg["shots"])  # validates names before any expensive work
-    map_config = MapConfig(method=cfg["map"], ridge_lambda=cfg["ridge_lambda"], rank=cfg["rank"],
-                           procrustes_dims=cfg["procrustes_dims"],
-                           optax=OptaxMapConfig(loss=cfg["optax_loss"], optimizer=cfg["optax_optimizer"],
-                                                learning_rate=cfg["optax_lr"]))
+    map_config = map_config_from(cfg)
     shot_settings = any(s in ("public+id", "few_shot") for s in cfg["settings"])
     data = load_task_texts(  # every input checked before a model loads
         cfg["task_data"], ood_data=cfg["ood_data"],
@@ -157,7 +174,7 @@ def _run_into(out_dir: Path, cfg: dict, command: str) -> dict:
 
     eval_start = time.perf_counter()
     settings = run_settings(feats, ids, cfg["seeds"], map_config, per_class_shots=cfg["per_class_shots"],
-                            on_map=save)
+                            on_map=save, ood_knn_k=cfg["ood_knn_k"])
     results = {
         "command": command, "config": cfg, "models": {"source": src_info, "target": tgt_info}, "data": data_info,
         "setting_ids": ids, "settings": settings,
@@ -177,14 +194,16 @@ def _run_into(out_dir: Path, cfg: dict, command: str) -> dict:
 def config_from_flags() -> dict:
     from linalign_jax.align.ridge import parse_lambda
 
-    lam = parse_lambda(FLAGS.ridge_lambda)
+    lam = parse_lambda(FLAGS.ridge_lambda, allow_cv=True)
     try:
         shots = [int(s) for s in FLAGS.shots]
         seeds = [int(s) for s in FLAGS.seeds]
     except ValueError as e:
         raise LinalignError(f"--shots and --seeds take comma-separated ints: {e}") from None
     keys = ("source_model", "target_model", "task_data", "ood_data", "public_data", "pooling", "normalize", "map",
-            "rank", "procrustes_dims", "per_class_shots", "optax_loss", "optax_optimizer", "optax_lr", "settings",
+            "rank", "procrustes_dims", "procrustes_scale", "cv_folds", "ood_knn_k", "per_class_shots", "optax_loss",
+            "optax_optimizer", "optax_lr", "optax_schedule", "optax_epochs", "optax_patience", "optax_batch_size",
+            "optax_init", "settings",
             "out_dir", "public_limit", "train_limit", "test_limit", "ood_limit", "max_length", "batch_size", "dtype",
             "data_seed", "feature_cache", "knn_k", "text_column", "label_column")
     return {**{k: FLAGS[k].value for k in keys}, "ridge_lambda": lam, "shots": shots, "seeds": seeds}

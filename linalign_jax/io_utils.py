@@ -80,8 +80,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, strict: bool = False) -> None:
+    """strict=True: RFC 8259 JSON only — a NaN or Infinity anywhere raises ValueError before anything is written."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default,
+                                       allow_nan=not strict) + "\n")
 
 
 def atomic_write_arrays(arrays: dict, marker: str | os.PathLike, metadata: Any, stale: tuple = ()) -> None:

@@ -54,7 +54,8 @@ def apply_map(affine: AffineMap, x):
 
 
 def save_map(path: str | Path, affine: AffineMap, metadata: Mapping[str, Any]) -> Path:
-    """Write the map directory atomically; `metadata` must be JSON-serialisable."""
+    """Write the map directory atomically; `metadata` must be JSON-serialisable with finite numbers only (map.json is
+    strict JSON, readable by any parser)."""
     from safetensors.numpy import save_file
 
     path = Path(path)
@@ -64,7 +65,11 @@ def save_map(path: str | Path, affine: AffineMap, metadata: Mapping[str, Any]) -
         tmp.mkdir()
         save_file({"W": np.ascontiguousarray(affine.W, np.float32), "b": np.ascontiguousarray(affine.b, np.float32)},
                   str(tmp / WEIGHTS_FILE))
-        atomic_write_json(tmp / METADATA_FILE, meta)
+        try:
+            atomic_write_json(tmp / METADATA_FILE, meta, strict=True)
+        except ValueError as e:  # NaN / Infinity: map.json must stay strict JSON
+            raise LinalignError(f"map metadata for {path} holds a non-finite number ({e}); nothing was written") \
+                from None
     return path
 
 

@@ -1,6 +1,9 @@
 """Orthogonal Procrustes map: the best rotation (times one global scale) between centred feature sets.
 
-A baseline against ridge that cannot distort geometry. When the dims differ, either
+A baseline against ridge that cannot distort geometry. Both sides are centred and the bias b = ȳ − x̄W carries the
+means (without that, a rotation of uncentred embeddings is dominated by their common offset); `scale=True` fits the
+global scale s = Σσ / ‖X̃‖²_F that minimises the residual (embeddings of different models rarely share a norm), and
+`scale=False` keeps a pure rotation (s = 1) — the README reports both. When the dims differ, either
   * "zero": zero-pad the smaller side, which is the same as taking the semi-orthogonal W = U Vᵀ from the thin SVD of
     C_xy (all of the smaller space is kept), or
   * "pca": first project the larger side onto its top principal components, then solve a square Procrustes problem in
@@ -39,7 +42,7 @@ def fit_procrustes(x: np.ndarray, y: np.ndarray, *, dims: str = "zero", scale: b
     W = s * (px @ rotation @ py.T)
     b = my - mx @ W
     return (AffineMap(W=W.astype(np.float32), b=b.astype(np.float32)),
-            {"method": "procrustes", "procrustes_dims": dims, "scale": s})
+            {"method": "procrustes", "procrustes_dims": dims, "procrustes_scale": bool(scale), "scale": s})
 
 
 def _top_components(xc: np.ndarray, k: int) -> np.ndarray:

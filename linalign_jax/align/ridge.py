@@ -10,6 +10,10 @@ Gram accurate when embeddings have a large common offset; the running totals are
 λ = "auto" picks the generalised-cross-validation minimiser over a log grid scaled by the mean eigenvalue of C_xx,
 using ONE eigendecomposition C_xx = QΛQᵀ: with R = QᵀC_xy,
     RSS(λ) = tr C_yy − Σᵢ ‖Rᵢ‖² (Λᵢ + 2λ)/(Λᵢ + λ)²,   df(λ) = Σᵢ Λᵢ/(Λᵢ + λ),   GCV = n·RSS / (n − 1 − df)².
+λ = "cv" picks the k-fold cross-validation minimiser over the same relative grid (`cv_lambda`): one
+eigendecomposition per training fold, and the held-out squared error of every λ from the held-out fold's statistics
+alone (no pass over rows per λ). λ is compared relative to the mean eigenvalue, so folds of n(k−1)/k rows and the
+final fit on all n rows use the same per-row shrinkage.
 """
 from __future__ import annotations
 
@@ -229,9 +233,10 @@ def lambda_grid(eig: Eigensystem, relative: Sequence[float] = GCV_GRID) -> np.nd
     return scale * np.asarray(relative)
 
 
-def parse_lambda(text: str) -> float | str:
-    """A λ given as text (the binaries' --ridge_lambda): "auto", or a finite float > 0."""
-    if text == "auto":
+def parse_lambda(text: str, allow_cv: bool = False) -> float | str:
+    """A λ given as text (the binaries' --ridge_lambda): "auto", "cv" (where the caller fits from rows, allow_cv),
+    or a finite float > 0."""
+    if text == "auto" or (allow_cv and text == "cv"):
         return text
     try:
         lam = float(text)
@@ -279,6 +284,57 @@ def _gcv_warning(eig: Eigensystem, best: int, grid_size: int) -> str | None:
     return (f"ridge λ by GCV = {GCV_GRID[best] * max(float(eig.evals.mean()), np.finfo(np.float64).tiny):.3g} "
             f"({relative:.0e} × the mean eigenvalue) is unreliable: {'; '.join(problems)}. Fit on more rows or give "
             "a fixed --ridge_lambda")
+
+
+def fold_statistics(x: np.ndarray, y: np.ndarray, folds: int, batch_size: int = 8192, seed: int = 0
+                    ) -> list[RidgeStats]:
+    """Ridge statistics of `folds` disjoint random row sets of (x, y) (a fixed seeded permutation)."""
+    x, y = _check_pair(x, y)
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= x.shape[0] // 2:
+        raise LinalignError(f"k-fold CV needs 2 <= folds <= N/2 = {x.shape[0] // 2}, got {folds!r}")
+    order = np.random.default_rng(seed).permutation(x.shape[0])
+    return [accumulate_stats(iterate_batches(x[part], y[part], batch_size)) for part in np.array_split(order, folds)]
+
+
+def cv_curve(folds: Sequence[RidgeStats], relative: Sequence[float] = GCV_GRID) -> np.ndarray:
+    """Total held-out squared error per relative λ (λ = relative × mean eigenvalue of each training fold's C_xx).
+
+    For held-out rows x', y' (taken about the held-out fold's shifts) and a map fitted on the other folds,
+    e = y' − x'W − c with c = (ȳ_tr − shift_y) − (x̄_tr − shift_x)W, so
+        Σ‖e‖² = Σ‖y'‖² − 2 tr(WᵀX'ᵀY') + tr(WᵀX'ᵀX'W) − 2 c·(Σy' − Σx'W) + n'‖c‖².
+    With W = Q diag(g) R, g = 1/(Λ + λ), both traces are O(d²) per λ: tr(WᵀX'ᵀY') = g·p, p_i = Σ_k R_ik (QᵀX'ᵀY')_ik,
+    and tr(WᵀX'ᵀX'W) = gᵀ ((QᵀX'ᵀX'Q) ∘ RRᵀ) g.
+    """
+    if len(folds) < 2:
+        raise LinalignError(f"k-fold CV needs at least 2 folds, got {len(folds)}")
+    total = np.zeros(len(relative))
+    for f, held in enumerate(folds):
+        train = functools.reduce(merge_stats, [s for g, s in enumerate(folds) if g != f])
+        eig = eigensystem(train)
+        scale = max(float(eig.evals.mean()), np.finfo(np.float64).tiny)
+        p = (eig.R * (eig.Q.T @ held.xty)).sum(1)
+        h = (eig.Q.T @ held.xtx @ eig.Q) * (eig.R @ eig.R.T)
+        u = (train.mean_x() - held.shift_x) @ eig.Q          # rows in the eigenbasis
+        v = train.mean_y() - held.shift_y
+        sx_q = held.sum_x @ eig.Q
+        yy = float(held.yty_diag.sum())
+        for i, rel in enumerate(relative):
+            g = 1.0 / (eig.evals + rel * scale)
+            c = v - (u * g) @ eig.R
+            resid_sum = held.sum_y - (sx_q * g) @ eig.R
+            total[i] += yy - 2 * g @ p + g @ h @ g - 2 * c @ resid_sum + held.n * c @ c
+    return total
+
+
+def cv_lambda(folds: Sequence[RidgeStats], full: RidgeStats, relative: Sequence[float] = GCV_GRID
+              ) -> tuple[float, dict]:
+    """λ for the fit on `full` (all rows) by k-fold CV over `folds` (a partition of the same rows)."""
+    scores = cv_curve(folds, relative)
+    best = int(np.argmin(scores))
+    scale = max(float(eigensystem(full).evals.mean()), np.finfo(np.float64).tiny)
+    chosen = float(relative[best] * scale)
+    return chosen, {"lambda": chosen, "lambda_selection": f"cv{len(folds)}", "lambda_relative": float(relative[best]),
+                    "lambda_grid": (np.asarray(relative) * scale).tolist(), "cv_sse": scores.tolist()}
 
 
 def solve_ridge(stats: RidgeStats, lam: float | str = "auto") -> tuple[AffineMap, dict]:

@@ -13,6 +13,10 @@ Party B = source model: embeds the test inputs and maps them into A's space; A's
 Shots k are k rows of the train split in total, stratified by class (the paper's "64 in-distribution samples"), or k
 rows per class with `per_class_shots=True`; a fresh draw per seed. OOD metrics (Energy AUROC as in the paper, plus
 MSP AUROC and FPR@95TPR) score ID test rows against OOD rows with the same head and the same path (mapped or native).
+The feature-space detectors (kNN, Mahalanobis; `linalign_jax.evaluate.ood`) score the same rows in the head's space
+against the labelled rows the head was trained on: A's train embeddings for native and mapped settings (so for a
+mapped setting the detector runs on B's mapped embeddings, with A's reference rows), B's own shot rows for few_shot.
+Mapped settings also record the map's diagnostics (singular spectrum of W, effective rank, R² per target dimension).
 Per seed: a fresh head, fresh shots, and for the optax map a fresh map; maps of deterministic methods are fitted once.
 """
 from __future__ import annotations
@@ -25,10 +29,10 @@ import numpy as np
 
 from linalign_jax.align.fit import MapConfig, fit_map, ridge_statistics
 from linalign_jax.align.maps import AffineMap, apply_map
-from linalign_jax.align.metrics import map_metrics
+from linalign_jax.align.metrics import map_diagnostics, map_metrics
 from linalign_jax.errors import LinalignError
 from linalign_jax.evaluate.heads import HeadConfig, LinearHead, accuracy, train_head
-from linalign_jax.evaluate.ood import ood_metrics
+from linalign_jax.evaluate.ood import FeatureDetectors, feature_ood_metrics, fit_feature_detectors, ood_metrics
 from linalign_jax.io_utils import Progress
 
 SETTINGS = ("native", "task_map", "public", "public+id", "few_shot")
@@ -97,7 +101,7 @@ def sample_shots(labels: np.ndarray, shots: int, num_classes: int, key: jax.Arra
 
 def run_settings(feats: TaskFeatures, ids: Sequence[str], seeds: Sequence[int], map_config: MapConfig,
                  head_config: HeadConfig = HeadConfig(), per_class_shots: bool = False,
-                 on_map: Callable[[str, AffineMap, dict], None] | None = None) -> dict:
+                 on_map: Callable[[str, AffineMap, dict], None] | None = None, ood_knn_k: int = 10) -> dict:
     """{setting_id: {"setting", "shots", "per_seed": [...], "mean": {...}, "std": {...}}}.
 
     `on_map(setting_id, map, info)` is called for the first seed's map of each mapped setting (for saving).
@@ -110,9 +114,12 @@ def run_settings(feats: TaskFeatures, ids: Sequence[str], seeds: Sequence[int], 
     # Maps that depend on nothing random (no shots, closed-form method) are fitted once and reused across seeds.
     deterministic = map_config.method != "optax"
     public_stats = None
-    if needs_public and map_config.method in ("ridge", "rrr"):
+    if needs_public and map_config.method in ("ridge", "rrr") and map_config.ridge_lambda != "cv":
         public_stats = ridge_statistics(feats.public.source, feats.public.target, map_config)
     fitted: dict[str, tuple[AffineMap, dict]] = {}
+    target_detectors = None
+    if feats.ood is not None:
+        target_detectors = fit_feature_detectors(feats.train.target, feats.train_labels, feats.num_classes, ood_knn_k)
     results = {i: {"setting": i.split("@")[0], "shots": _shots(i), "per_seed": []} for i in ids}
     progress = Progress("settings", total=len(ids) * len(seeds), unit="runs", every=0.0)
     for seed in seeds:
@@ -125,8 +132,10 @@ def run_settings(feats: TaskFeatures, ids: Sequence[str], seeds: Sequence[int], 
                 rows = sample_shots(feats.train_labels, shots, feats.num_classes, sub, per_class_shots)
                 head = train_head(feats.train.source[rows], feats.train_labels[rows], feats.num_classes,
                                   jax.random.fold_in(sub, 1), head_config)
+                detectors = None if feats.ood is None else fit_feature_detectors(
+                    feats.train.source[rows], feats.train_labels[rows], feats.num_classes, ood_knn_k)
                 record = _evaluate(head, feats.test.source, feats.test_labels,
-                                   None if feats.ood is None else feats.ood.source)
+                                   None if feats.ood is None else feats.ood.source, detectors)
                 record["head_rows"] = int(len(rows))
             else:
                 if target_head is None:
@@ -134,7 +143,7 @@ def run_settings(feats: TaskFeatures, ids: Sequence[str], seeds: Sequence[int], 
                                              jax.random.fold_in(key, 10_000), head_config)
                 if name == "native":
                     record = _evaluate(target_head, feats.test.target, feats.test_labels,
-                                       None if feats.ood is None else feats.ood.target)
+                                       None if feats.ood is None else feats.ood.target, target_detectors)
                 else:
                     if not (deterministic and shots is None and sid in fitted):
                         fitted[sid] = _fit_setting(name, shots, feats, map_config, public_stats, sub,
@@ -142,10 +151,17 @@ def run_settings(feats: TaskFeatures, ids: Sequence[str], seeds: Sequence[int], 
                         if on_map is not None and len(results[sid]["per_seed"]) == 0:
                             on_map(sid, *fitted[sid])
                     affine, info = fitted[sid]
-                    record = _evaluate(target_head, apply_map(affine, feats.test.source), feats.test_labels,
-                                       None if feats.ood is None else apply_map(affine, feats.ood.source))
-                    record["map"] = {**map_metrics(apply_map(affine, feats.test.source), feats.test.target),
-                                     **{k: info[k] for k in ("lambda", "rank", "map_rows") if k in info}}
+                    mapped = apply_map(affine, feats.test.source)
+                    record = _evaluate(target_head, mapped, feats.test_labels,
+                                       None if feats.ood is None else apply_map(affine, feats.ood.source),
+                                       target_detectors)
+                    diagnostics = map_diagnostics(affine.W, mapped, feats.test.target)
+                    record["map"] = {**map_metrics(mapped, feats.test.target),
+                                     **{k: info[k] for k in ("lambda", "rank", "map_rows") if k in info},
+                                     "effective_rank": diagnostics["effective_rank"],
+                                     "stable_rank": diagnostics["stable_rank"],
+                                     "r2_dim_median": float(np.median(diagnostics["r2_per_dim"]))}
+                    record["map_diagnostics"] = {k: diagnostics[k] for k in ("singular_values", "r2_per_dim")}
             record["seed"] = int(seed)
             results[sid]["per_seed"].append(record)
             progress.update()
@@ -175,10 +191,13 @@ def _fit_setting(name: str, shots: int | None, feats: TaskFeatures, config: MapC
     return affine, info
 
 
-def _evaluate(head: LinearHead, test: np.ndarray, labels: np.ndarray, ood: np.ndarray | None) -> dict:
+def _evaluate(head: LinearHead, test: np.ndarray, labels: np.ndarray, ood: np.ndarray | None,
+              detectors: FeatureDetectors | None = None) -> dict:
     record = {"accuracy": accuracy(head, test, labels)}
     if ood is not None:
         record.update(ood_metrics(head.logits(test), head.logits(ood)))
+        if detectors is not None:
+            record.update(feature_ood_metrics(detectors, test, ood))
     return record
 
 

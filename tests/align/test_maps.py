@@ -67,3 +67,12 @@ def test_save_is_atomic_on_failure(tmp_path):
         save_map(tmp_path / "m", _map(), {"bad": object()})
     assert not (tmp_path / "m").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_map_json_is_strict_json(tmp_path):
+    affine = AffineMap(W=np.eye(3, dtype=np.float32), b=np.zeros(3, np.float32))
+    with pytest.raises(LinalignError, match="non-finite"):
+        save_map(tmp_path / "m", affine, {"best_val_loss": float("nan")})
+    assert not (tmp_path / "m").exists()
+    save_map(tmp_path / "m", affine, {"best_val_loss": 0.5})
+    json.loads((tmp_path / "m" / "map.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))

@@ -31,3 +31,21 @@ def test_cosine_is_scale_invariant_and_shape_checked():
     assert metrics.mean_cosine(-y, y) == pytest.approx(-1.0)
     with pytest.raises(LinalignError, match="one shape"):
         metrics.map_metrics(y[:, :3], y)
+
+
+def test_map_diagnostics_against_direct_formulas():
+    from linalign_jax.align.metrics import effective_rank, map_diagnostics
+
+    rng = np.random.default_rng(3)
+    u, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    W = u[:, :1] @ rng.normal(size=(1, 4))
+    assert effective_rank(np.linalg.svd(W, compute_uv=False)) == pytest.approx(1.0, abs=1e-6)
+    assert effective_rank(np.ones(5)) == pytest.approx(5.0)
+    target = rng.normal(size=(50, 3))
+    pred = target + rng.normal(size=(50, 3)) * np.array([0.1, 1.0, 3.0])
+    d = map_diagnostics(rng.normal(size=(5, 3)), pred, target)
+    for j in range(3):
+        ss_res = np.sum((pred[:, j] - target[:, j]) ** 2)
+        ss_tot = np.sum((target[:, j] - target[:, j].mean()) ** 2)
+        assert d["r2_per_dim"][j] == pytest.approx(1 - ss_res / ss_tot)
+    assert d["singular_values"] == sorted(d["singular_values"], reverse=True) and len(d["singular_values"]) == 3

@@ -37,3 +37,13 @@ def test_bad_input():
     x[0, 0] = np.nan
     with pytest.raises(LinalignError, match="NaN"):
         fit_procrustes(x, np.ones((5, 3)))
+
+
+def test_plain_rotation_keeps_centring_and_bias():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 5)) + 7.0
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    m, info = fit_procrustes(x, 3.0 * (x - x.mean(0)) @ q - 2.0, scale=False)
+    np.testing.assert_allclose(m.W, q, atol=1e-5)  # s = 1: the rotation alone
+    np.testing.assert_allclose(m.b, -2.0 - x.mean(0) @ q, atol=1e-4)
+    assert info["procrustes_scale"] is False and info["scale"] == 1.0

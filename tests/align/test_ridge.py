@@ -148,3 +148,40 @@ def test_sharded_over_four_devices_matches_single_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_kfold_cv_curve_equals_refitting_every_fold():
+    from linalign_jax.align.ridge import GCV_GRID, cv_curve, eigensystem, fold_statistics
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(120, 6)) + 3.0
+    y = x @ rng.normal(size=(6, 3)) + rng.normal(size=(120, 3))
+    relative = GCV_GRID[::10]
+    fast = cv_curve(fold_statistics(x, y, 3), relative)
+    parts = np.array_split(np.random.default_rng(0).permutation(120), 3)  # fold_statistics' partition
+    slow = np.zeros(len(relative))
+    for part in parts:
+        train = np.setdiff1d(np.arange(120), part)
+        xt, yt = x[train], y[train]
+        xc = xt - xt.mean(0)
+        scale = np.linalg.eigvalsh(xc.T @ xc).mean()
+        for i, rel in enumerate(relative):
+            W = np.linalg.solve(xc.T @ xc + rel * scale * np.eye(6), xc.T @ (yt - yt.mean(0)))
+            slow[i] += ((y[part] - (x[part] - xt.mean(0)) @ W - yt.mean(0)) ** 2).sum()
+    np.testing.assert_allclose(fast, slow, rtol=1e-9)
+
+
+def test_cv_lambda_through_fit_map_and_the_flag_parser():
+    from linalign_jax.align.ridge import parse_lambda
+
+    x, y = _data(n=300, noise=0.5)
+    affine, info = fit_map(x, y, MapConfig(ridge_lambda="cv", cv_folds=4))
+    assert info["lambda_selection"] == "cv4" and info["lambda"] > 0 and len(info["cv_sse"]) == len(info["lambda_grid"])
+    assert np.argmin(info["cv_sse"]) == info["lambda_grid"].index(info["lambda"])
+    fixed, _ = fit_map(x, y, MapConfig(ridge_lambda=info["lambda"]))
+    np.testing.assert_allclose(affine.W, fixed.W, atol=1e-6)
+    assert parse_lambda("cv", allow_cv=True) == "cv"
+    with pytest.raises(LinalignError, match="'auto'"):
+        parse_lambda("cv")
+    with pytest.raises(LinalignError, match="folds"):
+        fit_map(x, y, MapConfig(ridge_lambda="cv", cv_folds=1))

@@ -42,3 +42,33 @@ def test_bad_scores():
         ood.auroc([], [1.0])
     with pytest.raises(LinalignError, match="NaN"):
         ood.auroc([np.nan], [1.0])
+
+
+def test_feature_detectors_against_direct_definitions():
+    from linalign_jax.evaluate.ood import feature_ood_metrics, fit_feature_detectors
+
+    rng = np.random.default_rng(4)
+    labels = np.repeat(np.arange(3), 40)
+    means = rng.normal(size=(3, 5)) * 3
+    train = means[labels] + rng.normal(size=(120, 5)) @ np.diag([1, 2, 0.5, 1, 1])
+    queries = np.concatenate([means[rng.integers(0, 3, 30)] + rng.normal(size=(30, 5)),
+                              rng.normal(size=(30, 5)) * 6 + 10])
+    det = fit_feature_detectors(train, labels, 3, k=4)
+    scores = det.scores(queries)
+    # kNN (Sun et al. 2022): minus the distance of the normalised query to its 4th-nearest normalised training row
+    tn = train / np.linalg.norm(train, axis=1, keepdims=True)
+    qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    dist = np.sqrt(((qn[:, None] - tn[None]) ** 2).sum(-1))
+    kth = np.sort(dist, axis=1)[:, 3]
+    np.testing.assert_allclose(scores["knn"], 1 - kth ** 2 / 2, atol=1e-12)  # cos = 1 − ‖a − b‖²/2 on the sphere
+    # Mahalanobis (Lee et al. 2018): tied covariance of the class-centred rows
+    centred = train - np.stack([train[labels == c].mean(0) for c in range(3)])[labels]
+    prec = np.linalg.inv(centred.T @ centred / len(train))
+    maha = np.stack([np.einsum("nd,de,ne->n", queries - train[labels == c].mean(0), prec,
+                               queries - train[labels == c].mean(0)) for c in range(3)], 1).min(1)
+    np.testing.assert_allclose(scores["mahalanobis"], -maha, rtol=1e-9)
+    m = feature_ood_metrics(det, queries[:30], queries[30:])
+    assert set(m) == {"knn_auroc", "knn_fpr95", "mahalanobis_auroc", "mahalanobis_fpr95"}
+    assert m["mahalanobis_auroc"] > 0.95 and m["knn_auroc"] > 0.5
+    with pytest.raises(LinalignError, match="k must be"):
+        fit_feature_detectors(train, labels, 3, k=0)
