@@ -16,9 +16,11 @@ experiments/bench_extract_torch.py in a subprocess, first (so the two never hold
 --random_llama8b builds a Llama-3-8B-shaped model with random weights on both sides (32 layers, d=4096, 32 heads with
 8 KV heads, FFN 14336, vocab 128256, RoPE θ=500000; --random_layers shrinks it for a smoke test) and needs no file.
 FLOPs per batch = 2 · (Dense kernel parameters) · tokens + 4 · layers · batch · length² · attention width (QKᵀ and
-AV; embeddings are lookups, and no LM head runs in extraction). MFU = achieved FLOP/s / peak, with the peak from
---peak_tflops or, for bfloat16 on an H100/H200, 989 TFLOP/s (dense). Prints a markdown table last; --json_out gets
-every number.
+AV; embeddings are lookups, and no LM head runs in extraction). MFU = achieved FLOP/s / nominal peak, with the
+peak from --nominal_peak_tflops or, for bfloat16 on an H100/H200, 989 TFLOP/s (dense). The yardstick measured in
+the same run: `peak_tflops`, the best of a few plain n × n matmuls (--peak_size) in the benchmark's dtype on the
+same device and threads, by each library (JAX's is the top-level key, each side has its own), and
+`fraction_of_peak` = achieved / that peak. Prints a markdown table last; --json_out gets every number.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ flags.DEFINE_integer("threads", 1, "CPU threads for each side (0 = leave both li
 flags.DEFINE_string("torch_python", "", "interpreter with torch + transformers ('' = .venv-oracle if present, "
                     "else this one)")
 flags.DEFINE_bool("torch", True, "run the PyTorch side")
-flags.DEFINE_float("peak_tflops", 0.0, "device peak for MFU (0 = auto: 989 for bfloat16 on H100/H200)")
+flags.DEFINE_float("nominal_peak_tflops", 0.0, "device peak for MFU (0 = auto: 989 for bfloat16 on H100/H200)")
+flags.DEFINE_integer("peak_size", 0, "n of the n x n matmuls that measure the peak (0 = 2048 on CPU, 8192 on GPU)")
 flags.DEFINE_string("json_out", "", "write all results here (JSON)")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +122,7 @@ def run_torch(ids_path: Path, model_dir, pooling: str) -> dict:
     spec = {"model_dir": str(model_dir) if model_dir else None,
             "random_llama": random_llama_config() if FLAGS.random_llama8b else None,
             "ids": str(ids_path), "n_batches": FLAGS.n_batches, "warmup": FLAGS.warmup, "dtype": FLAGS.dtype,
-            "threads": FLAGS.threads, "pooling": pooling}
+            "threads": FLAGS.threads, "pooling": pooling, "peak_size": FLAGS.peak_size}
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if FLAGS.threads > 0:
         env["OMP_NUM_THREADS"] = str(FLAGS.threads)
@@ -160,6 +163,23 @@ def run_jax(model, ids, pooling: str) -> dict:
             "device": mesh.devices.flat[0].device_kind, "devices": int(mesh.devices.size)}
 
 
+def measured_peak_tflops(dtype: str) -> float:
+    """Best of 5 plain n x n @ n x n products in `dtype` on JAX's default device (after one compile)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = FLAGS.peak_size or (8192 if jax.default_backend() == "gpu" else 2048)
+    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best / 1e12
+
+
 def summarize(side: dict, tokens: int, flops: float, peak) -> None:
     """Per-side rates from the median batch (robust to load spikes on a shared machine) and from the mean."""
     import numpy as np
@@ -169,25 +189,26 @@ def summarize(side: dict, tokens: int, flops: float, peak) -> None:
                 tokens_per_cpu_second=tokens / cpu, mean_tokens_per_second=tokens / np.mean(side["batch_seconds"]),
                 tflops=flops / wall / 1e12)
     side["mfu"] = side["tflops"] / peak if peak else None
+    side["fraction_of_peak"] = side["tflops"] / side["peak_tflops"]
 
 
-def peak_tflops(device_kind: str):
-    if FLAGS.peak_tflops > 0:
-        return FLAGS.peak_tflops
+def nominal_peak_tflops(device_kind: str):
+    if FLAGS.nominal_peak_tflops > 0:
+        return FLAGS.nominal_peak_tflops
     if FLAGS.dtype == "bfloat16":
         return next((peak for name, peak in DENSE_BF16_PEAK_TFLOPS.items() if name in device_kind), None)
     return None
 
 
 def markdown(result: dict) -> str:
-    lines = ["| impl | device | dtype | batch × length | tokens/s | s/batch | tokens/CPU-s | CPU s/batch | TFLOP/s | MFU |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| impl | device | dtype | batch × length | tokens/s | s/batch | tokens/CPU-s | CPU s/batch | TFLOP/s | "
+             "matmul peak TFLOP/s | of peak | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in result["sides"].items():
         mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "—"
         lines.append(f"| {name} | {row['device']} | {result['dtype']} | {result['batch']} × {result['length']} | "
                      f"{row['tokens_per_second']:,.0f} | {row['median_seconds']:.3f} | "
-                     f"{row['tokens_per_cpu_second']:,.0f} | {row['median_cpu_seconds']:.3f} | {row['tflops']:.2f} | "
-                     f"{mfu} |")
+                     f"{row['tokens_per_cpu_second']:,.0f} | {row['median_cpu_seconds']:.3f} | {row['tflops']:.3f} | "
+                     f"{row['peak_tflops']:.3f} | {row['fraction_of_peak']:.1%} | {mfu} |")
     if "speedup" in result:
         lines.append(f"\nJAX / PyTorch tokens/s: **{result['speedup']:.2f}×** ({result['model']}; "
                      f"by CPU time {result['speedup_cpu_time']:.2f}×; medians over {result['n_batches']} batches; "
@@ -229,8 +250,10 @@ def main(argv):
     result["sides"]["jax"] = run_jax(model, ids, pooling)
     device_kind = jax.devices()[0].device_kind
     flops = flops_per_batch(model, FLAGS.batch, FLAGS.length)
-    peak = peak_tflops(device_kind)
-    result.update(backend=jax.default_backend(), device_kind=device_kind, flops_per_batch=flops, peak_tflops=peak,
+    peak = nominal_peak_tflops(device_kind)
+    result["sides"]["jax"]["peak_tflops"] = measured_peak_tflops(FLAGS.dtype)
+    result.update(backend=jax.default_backend(), device_kind=device_kind, flops_per_batch=flops,
+                  nominal_peak_tflops=peak, peak_tflops=result["sides"]["jax"]["peak_tflops"],
                   pooling=pooling)
     for side in result["sides"].values():
         summarize(side, ids.size, flops, peak)

@@ -7,9 +7,9 @@ linalign_jax). One argument: a JSON object with
     random_llama   null or a dict of LlamaConfig fields: random weights built directly on the device
     ids            .npy file of int32 token ids [batch, length] (the same ids the JAX side runs)
     n_batches, warmup, dtype ("float32" | "bfloat16"), threads (0: torch's default),
-    pooling ("mean" | "last")
+    pooling ("mean" | "last"), peak_size (n of the n x n matmuls timed for "peak_tflops"; 0: 2048 CPU, 8192 GPU)
 The device is CUDA when torch sees one, else the CPU. Output: {"batch_seconds", "batch_cpu_seconds" (wall and
-process CPU time of each timed batch), "pooled_head" (first rows' pooled features, for a parity check), "torch", "transformers", "device", "attn_implementation"}.
+process CPU time of each timed batch), "peak_tflops" (best of 5 plain matmuls in the dtype), "pooled_head" (first rows' pooled features, for a parity check), "torch", "transformers", "device", "attn_implementation"}.
 """
 import json
 import sys
@@ -34,6 +34,23 @@ def build(spec: dict, dtype, device):
     else:
         model = transformers.AutoModel.from_pretrained(spec["model_dir"], dtype=dtype)
     return model.to(device=device, dtype=dtype).eval()
+
+
+@torch.inference_mode()
+def matmul_peak_tflops(spec: dict, dtype, device) -> float:
+    n = spec.get("peak_size") or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best / 1e12
 
 
 def main(spec: dict) -> dict:
@@ -61,7 +78,8 @@ def main(spec: dict) -> dict:
             step()
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - cpu_start)
-    return {"batch_seconds": wall, "batch_cpu_seconds": cpu, "pooled_head": pooled[:2].cpu().numpy().tolist(),
+    return {"batch_seconds": wall, "batch_cpu_seconds": cpu, "peak_tflops": matmul_peak_tflops(spec, dtype, device),
+            "pooled_head": pooled[:2].cpu().numpy().tolist(),
             "torch": torch.__version__,
             "transformers": transformers.__version__, "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
