@@ -20,7 +20,7 @@ from linalign_jax.models import (apertus, bert, checkpoint, core, gemma, gemma3,
 from linalign_jax.models.base import LoadedModel
 from linalign_jax.models.tokenizer import load_tokenizer
 
-__all__ = ["load_model", "REGISTRY", "LoadedModel", "supported_model_types"]
+__all__ = ["load_model", "REGISTRY", "LoadedModel", "supported_model_types", "abstract_decoder"]
 
 
 def _decoder_loader(family) -> Callable[..., LoadedModel]:
@@ -65,22 +65,27 @@ def decoder_model(config: core.DecoderConfig, params, tokenizer, *, spec: str, f
         init_cache_fn=functools.partial(core.init_cache, config), extend_fn=functools.partial(_EXTEND, config))
 
 
+DECODER_FAMILIES = {t: family for family in (llama, qwen, gemma3, gpt2, gemma, olmo, apertus, phi3, mistral3, qwen_moe,
+                                              mixtral) for t in family.MODEL_TYPES}
 REGISTRY: Dict[str, Callable[..., LoadedModel]] = {
-    **{t: _decoder_loader(llama) for t in llama.MODEL_TYPES},
-    **{t: _decoder_loader(qwen) for t in qwen.MODEL_TYPES},
-    **{t: _decoder_loader(gemma3) for t in gemma3.MODEL_TYPES},
-    **{t: _decoder_loader(gpt2) for t in gpt2.MODEL_TYPES},
-    **{t: _decoder_loader(gemma) for t in gemma.MODEL_TYPES},
-    **{t: _decoder_loader(olmo) for t in olmo.MODEL_TYPES},
-    **{t: _decoder_loader(apertus) for t in apertus.MODEL_TYPES},
-    **{t: _decoder_loader(phi3) for t in phi3.MODEL_TYPES},
-    **{t: _decoder_loader(mistral3) for t in mistral3.MODEL_TYPES},
-    **{t: _decoder_loader(qwen_moe) for t in qwen_moe.MODEL_TYPES},
-    **{t: _decoder_loader(mixtral) for t in mixtral.MODEL_TYPES},
+    **{t: _decoder_loader(family) for t, family in DECODER_FAMILIES.items()},
     # ---- encoders: loaders with the same signature, load(model_dir, *, spec, dtype) -> LoadedModel ----
     "bert": bert.load,
     "mpnet": mpnet.load,
 }
+
+
+def abstract_decoder(config_json: str | Path, dtype: str = "float32"):
+    """(config, parameter shapes) that `load_model` builds for a decoder's config.json, without reading weights:
+    `jax.eval_shape` of the module's init, so a 30B model costs nothing. The shapes are those the checkpoint must
+    have (an untied head included; base-model checkpoints ship without it)."""
+    path = Path(config_json)
+    hf = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+    if hf.get("model_type") not in DECODER_FAMILIES:
+        raise LinalignError(f"abstract_decoder: model_type={hf.get('model_type')!r} is not a decoder; decoders: "
+                            f"{', '.join(sorted(DECODER_FAMILIES))}")
+    config = DECODER_FAMILIES[hf["model_type"]].config_from_hf(hf, dtype)
+    return config, jax.eval_shape(functools.partial(core.init_params, config), jax.random.PRNGKey(0))
 
 
 def supported_model_types() -> list:
