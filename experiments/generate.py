@@ -106,7 +106,7 @@ def _maps(source, target, fit, data, config, out_dir: Path) -> list:
 
 
 def _direction(source, target, affine, meta, path: Path, heldout, config) -> dict:
-    from linalign_jax.generate import HybridPair, SamplingConfig, generate
+    from linalign_jax.generate import HybridPair, SamplingConfig, generate_batch
     from linalign_jax.generate.evaluation import next_token_scores, summarize
 
     label = f"{source.spec} → {target.spec}"
@@ -115,19 +115,16 @@ def _direction(source, target, affine, meta, path: Path, heldout, config) -> dic
     metrics = summarize(next_token_scores(pair, heldout, max_tokens=config["heldout_tokens"],
                                           batch_size=config["batch_size"]))
     sampling = SamplingConfig(config["temperature"], config["top_p"])
-    samples = []
-    for i, prompt in enumerate(config["prompt"]):
-        key = jax.random.key(config["seed"] + i)
-        kwargs = dict(max_new_tokens=config["max_new_tokens"], sampling=sampling, key=key, stop_strings=config["stop"])
-        print(f"[{label}] sample {i + 1}/{len(config['prompt'])}", file=sys.stderr, flush=True)
-        hybrid = pair.generate(prompt, **kwargs)
-        native_target = generate(target, prompt, **kwargs)
-        native_source = generate(source, prompt, **kwargs)
-        samples.append({"prompt": prompt, "hybrid": hybrid.text, "native_target": native_target.text,
-                        "native_source": native_source.text,
-                        "finish_reasons": [hybrid.finish_reason, native_target.finish_reason,
-                                           native_source.finish_reason],
-                        "hybrid_stats": hybrid.stats})
+    kwargs = dict(max_new_tokens=config["max_new_tokens"], sampling=sampling, key=jax.random.key(config["seed"]),
+                  stop_strings=config["stop"], batch_size=config["batch_size"])
+    print(f"[{label}] {len(config['prompt'])} samples (hybrid, native target, native source)", file=sys.stderr,
+          flush=True)
+    hybrid = pair.generate_batch(config["prompt"], **kwargs)
+    native_target = generate_batch(target, config["prompt"], **kwargs)
+    native_source = generate_batch(source, config["prompt"], **kwargs)
+    samples = [{"prompt": h.prompt, "hybrid": h.text, "native_target": t.text, "native_source": s.text,
+                "finish_reasons": [h.finish_reason, t.finish_reason, s.finish_reason], "hybrid_stats": h.stats}
+               for h, t, s in zip(hybrid, native_target, native_source)]
     return {"source": source.spec, "target": target.spec, "map": {**meta, "path": str(path)}, "next_token": metrics,
             "samples": samples}
 

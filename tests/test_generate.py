@@ -17,10 +17,10 @@ import pytest
 from linalign_jax.align.maps import AffineMap, save_map
 from linalign_jax.assets import resolve_model
 from linalign_jax.errors import LinalignError
-from linalign_jax.generate import HybridPair, SamplingConfig, generate
-from linalign_jax.generate.decoding import DecoderState, bucket
+from linalign_jax.generate import HybridPair, SamplingConfig, generate, generate_batch
+from linalign_jax.generate.decoding import CacheRows, bucket
 from linalign_jax.generate.evaluation import next_token_scores, summarize
-from linalign_jax.generate.hybrid import HybridBody, load_pair_map
+from linalign_jax.generate.hybrid import HybridRows, load_pair_map
 from linalign_jax.generate.sampling import sample_logits, top_p_filter
 from linalign_jax.generate.token_map import fit_token_map, fit_token_maps
 from linalign_jax.models import core, decoder_model, gguf, load_model
@@ -89,18 +89,71 @@ def test_per_step_logits_equal_the_full_forward_pass(which, request):
     assert result.token_ids == steps.argmax(-1).tolist()
 
 
-def test_cache_rollback_and_growth_match_a_fresh_forward(smol_tiny):
-    ids = smol_tiny.tokenizer.encode("one two three four five six").ids
-    state = DecoderState(smol_tiny, capacity=16)
-    state.prefill(ids[:3])
-    for t in ids[3:]:
-        state.append(t)
-    state.truncate(4)
-    extra = smol_tiny.tokenizer.encode(" alpha beta gamma delta epsilon zeta eta theta iota kappa lambda").ids
-    for t in extra:  # 4 + 11 tokens after 13 padding slots: the 16-slot cache grows twice
-        state.append(t)
-    assert state.cache.max_length == 32 and state.num_tokens == 4 + len(extra)
-    np.testing.assert_allclose(np.asarray(state.hidden), full_hidden(smol_tiny, ids[:4] + extra)[-1], atol=1e-5)
+def test_cache_rows_roll_back_compact_and_grow_independently(smol_tiny):
+    """Three rows of different lengths: rows read different numbers of tokens per step, roll back by different
+    amounts, and write more slots than the cache ends up with (holes squeezed out by compaction) after it grew once;
+    every row's state equals a fresh forward pass of its tokens, and so does a row that only waited."""
+    tok = smol_tiny.tokenizer
+    seqs = [tok.encode("one two three four five six").ids, tok.encode("a").ids, tok.encode("naïve cafés").ids]
+    rows = CacheRows(smol_tiny, batch_size=3, capacity=17)
+    assert rows.cache.max_length == 32
+    rows.prefill([s[:3] for s in seqs])
+    rows.feed_queues({0: seqs[0][3:], 2: seqs[2][3:]})
+    rows.truncate({0: 4, 2: 2})
+    kept = [seqs[0][:4], seqs[1], seqs[2][:2]]
+    extra = [tok.encode(" alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+                        "sigma tau upsilon phi chi psi omega").ids,
+             tok.encode(" b c d e f g h i j k l m n o p q r s t u").ids, tok.encode(" 東京 again and again").ids]
+    rows.feed_queues({0: extra[0], 2: extra[2]})  # row 0 outgrows 32 slots: compaction is not enough, it grows
+    rows.feed_queues({1: extra[1]})               # rows 0 and 2 wait (holes); compaction keeps 64 slots
+    writes = 16 + max(len(seqs[0]), len(seqs[2])) - 3 + max(len(extra[0]), len(extra[2])) + len(extra[1])
+    assert len(kept[0] + extra[0]) > 32 and writes > 64 and rows.cache.max_length == 64
+    for i in range(3):
+        assert rows.counts[i] == len(kept[i] + extra[i])
+        np.testing.assert_allclose(np.asarray(rows.hidden[i]), full_hidden(smol_tiny, kept[i] + extra[i])[-1],
+                                   atol=1e-5)
+
+
+PROMPTS = ["The weather today", "Once upon a time, in a small village by the sea, there lived",
+           "Linear maps between the hidden states of two language models, naïvely 東京.", "Hi"]
+
+
+@pytest.mark.parametrize("which", ["smol_tiny", "gemma_tiny"])
+def test_batched_greedy_equals_one_at_a_time(which, request):
+    """Four prompts of different lengths, batches of 3 (the second batch has two filler rows), stop strings and
+    EOS finishing rows early: every row equals decoding its prompt alone."""
+    model = request.getfixturevalue(which)
+    kwargs = dict(max_new_tokens=20, eos_ids=(), record_logits=True)
+    alone = [generate(model, p, **kwargs) for p in PROMPTS]
+    batched = generate_batch(model, PROMPTS, batch_size=3, **kwargs)
+    for a, b in zip(alone, batched):
+        assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+        np.testing.assert_allclose(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+    eos = alone[1].token_ids[5]
+    stop = alone[0].text[4:7]
+    stopped = generate_batch(model, PROMPTS, batch_size=4, max_new_tokens=20, eos_ids=(eos,), stop_strings=[stop])
+    for p, b in zip(PROMPTS, stopped):
+        assert b.token_ids == generate(model, p, max_new_tokens=20, eos_ids=(eos,), stop_strings=[stop]).token_ids
+    assert stopped[1].finish_reason == "eos" and stopped[0].finish_reason == "stop"
+
+
+def test_batched_sampling_does_not_depend_on_the_batching(smol_tiny):
+    cfg, key = SamplingConfig(temperature=1.0, top_p=0.9), jax.random.key(3)
+    a = generate_batch(smol_tiny, PROMPTS, max_new_tokens=8, sampling=cfg, key=key, batch_size=4)
+    b = generate_batch(smol_tiny, PROMPTS, max_new_tokens=8, sampling=cfg, key=key, batch_size=2)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert len({tuple(r.token_ids) for r in a}) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_batched_greedy_on_the_real_models_matches_transformers(name):
+    """All five reference prompts (5-14 tokens) in one batch: each row gives transformers' own greedy tokens."""
+    reference = json.loads((FIXTURES / "real" / f"{name}.json").read_text())
+    cases = reference["greedy"]
+    model = load_model(name)
+    results = generate_batch(model, [c["prompt"] for c in cases], max_new_tokens=16, eos_ids=(), batch_size=5)
+    for case, result in zip(cases, results):
+        assert result.token_ids == case["new_ids"], case["prompt"]
 
 
 def test_stop_strings_and_eos(smol_tiny):
@@ -142,21 +195,41 @@ def test_sampling_distribution():
 # -------------------------------------------------------------------------------------------- hybrid decoding
 
 def test_hybrid_source_cache_always_holds_the_canonical_encoding(smol_tiny, gemma_tiny):
-    """Feed gemma-tokenized text into a SmolLM2-tokenized source and the reverse, one target token at a time: after
-    every step the source holds exactly its own tokenization of the text so far, and its state equals a fresh full
-    forward pass — through merges that need a rollback and byte-level pieces of one character."""
-    text = "Hello naïvely, 東京 tokenization 🙂 boundaries: don't re-merge!"
+    """Feed gemma-tokenized texts into a SmolLM2-tokenized source and the reverse, one target token per row and
+    step, two rows with different texts: after every step each row's source holds exactly its own tokenization of
+    its text so far, and its state equals a fresh full forward pass — through merges that need a rollback (rows
+    rolling back while the other does not) and byte-level pieces of one character."""
+    texts = ["Hello naïvely, 東京 tokenization 🙂 boundaries: don't re-merge!", "Short 東京 one; naïvely."]
     for source, target in ((smol_tiny, gemma_tiny), (gemma_tiny, smol_tiny)):
         table = tokenizer_compat.token_byte_table(target.tokenizer)
-        target_ids = target.tokenizer.encode(text, add_special_tokens=False).ids
-        body, stream = HybridBody(source, "Q:", max_new_tokens=4), tokenizer_compat.Utf8Stream()
-        for token in target_ids:
-            body.advance(token, stream.push(table[token]))
-            assert body.feed.ids == source.tokenizer.encode(body.text).ids
-        assert body.text == "Q:" + text
-        np.testing.assert_allclose(np.asarray(body.hidden), full_hidden(source, body.feed.ids)[-1], atol=1e-5)
+        target_ids = [target.tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+        body = HybridRows(source, ["Q:", "A longer prompt:"], batch_size=2, max_new_tokens=4)
+        streams = [tokenizer_compat.Utf8Stream(), tokenizer_compat.Utf8Stream()]
+        for step in range(max(map(len, target_ids))):
+            tokens = {row: (ids[step], streams[row].push(table[ids[step]]))
+                      for row, ids in enumerate(target_ids) if step < len(ids)}
+            body.advance(tokens)
+            for row in tokens:
+                assert body.feeds[row].ids == source.tokenizer.encode(body.texts[row]).ids
+        assert body.texts == ["Q:" + texts[0], "A longer prompt:" + texts[1]]
+        for row in range(2):
+            np.testing.assert_allclose(np.asarray(body.hidden[row]), full_hidden(source, body.feeds[row].ids)[-1],
+                                       atol=1e-5)
         if source is gemma_tiny:  # SmolLM2 splits 'naïvely' and 東 into pieces gemma re-merges
-            assert body.stats["rollbacks"] > 0
+            assert all(s["rollbacks"] > 0 for s in body.stats)
+
+
+def test_batched_hybrid_equals_one_at_a_time(smol_tiny, gemma_tiny):
+    rng = np.random.default_rng(1)
+    pair = HybridPair(gemma_tiny, smol_tiny, AffineMap(
+        W=rng.normal(size=(gemma_tiny.hidden_size, smol_tiny.hidden_size)).astype(np.float32),
+        b=np.zeros(smol_tiny.hidden_size, np.float32)))
+    batched = pair.generate_batch(PROMPTS, max_new_tokens=16, eos_ids=(), batch_size=3)
+    assert sum(r.stats["rollbacks"] for r in batched) > 0
+    for prompt, b in zip(PROMPTS, batched):
+        a = pair.generate(prompt, max_new_tokens=16, eos_ids=())
+        assert (b.token_ids, b.text) == (a.token_ids, a.text)
+        assert b.stats["rollbacks"] == a.stats["rollbacks"]
 
 
 def test_hybrid_with_identity_map_reproduces_the_native_model(smol_tiny):
@@ -243,6 +316,12 @@ def test_bad_input_is_rejected(smol_tiny, gemma_tiny, tmp_path):
         generate(smol_tiny, "", max_new_tokens=4)
     with pytest.raises(LinalignError, match="non-empty string"):
         pair.generate("", max_new_tokens=4)
+    with pytest.raises(LinalignError, match="non-empty list"):
+        generate_batch(smol_tiny, "Hi", max_new_tokens=4)
+    with pytest.raises(LinalignError, match="batch_size"):
+        pair.generate_batch(["Hi"], max_new_tokens=4, batch_size=0)
+    with pytest.raises(LinalignError, match="stop strings"):
+        generate_batch(smol_tiny, ["Hi"], max_new_tokens=4, stop_strings="x")
     for bad in (0, -3, True, 2.5):
         with pytest.raises(LinalignError, match="max_new_tokens"):
             pair.generate("Hi", max_new_tokens=bad)

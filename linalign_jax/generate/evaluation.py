@@ -6,7 +6,7 @@ context is the text up to the end of t_{k-1} — up to its last complete charact
 (the hybrid head is then restricted to tokens that can complete that character, as in decoding; the native head is
 scored under the same mask, so both distributions are normalised over the same tokens).
 * native: the target's own state at t_{k-1} (one batched forward pass per text batch);
-* hybrid: the source's last state on the *canonical* source encoding of that context — exactly what `HybridBody` holds
+* hybrid: the source's last state on the *canonical* source encoding of that context — exactly what a `HybridRows` row holds
   at that point of a generation. Where that encoding is a prefix of the source's encoding of the whole text (the common
   case), the state comes from the whole-text pass (causal attention makes them equal); the remaining contexts (a target
   boundary inside a source token) are run on their own, batched.
