@@ -13,19 +13,20 @@ Client (holds the secret key; one `ClientSession` per inference session, fresh k
 
 Provider (never sees a secret key; a plan is encoded once per model and ring, and serves every session)::
 
-    plan = LinearPlan.build(layout, A, a, preset=PRESETS["hyb40_50"])    # head: A=V [d,k], a=c; map: A=W, a=b
-    session = ProviderSession.load(bundle)                                # validates ring, preset, keys, layout
-    result = session.evaluate(plan, query)                                # -> one compressed (1-tower) ciphertext
+    plan = LinearPlan.build(layout, A, a)         # head: A=V [d,k], a=c; map: A=W, a=b (the layout names the preset)
+    session = ProviderSession.load(bundle)        # validates ring, preset, keys, layout
+    result = session.evaluate(plan, query)        # -> one sanitized 1-tower ciphertext (fresh Enc_pk(0) + flood)
 
 Bulk, feature-major (thousands of queries, no rotation keys): `BulkLayout`, `BulkPlan`, `ClientSession.encrypt_bulk`,
 `ProviderSession.evaluate_bulk`, `ClientSession.decrypt_bulk`.
 
-Options: `plan_layout(..., preset="hyb_flood")` for OpenFHE's noise-flooding decryption (ring 16384);
-`plan_layout(..., method="hybrid_client_fold")` for a faster head whose partial sums are only statistically masked.
+Every returned ciphertext is sanitized (`sanitize.py`: the argument, λ, the bound B and the flood widths).
 
 Modules, one concern each: `presets` (parameter sets, contexts), `frames` (the wire frame), `keys` (the registry of
-OpenFHE's global rotation-key map), `encoding` (bound checks, decoding, CSPRNG draws), `sessions` (client and provider
-roles), `linear` (layouts and BSGS plans), `bulk` (feature-major plans), `protocol` (the two parties' messages). Importing this package imports OpenFHE (CPython 3.10 only).
+OpenFHE's global rotation-key map), `encoding` (bound checks, decoding), `sanitize` (re-randomization and flooding of
+results), `sessions` (client and provider roles), `linear` (layouts and BSGS plans), `bulk` (feature-major plans),
+`protocol` (the two parties' messages), `audit` (raw decryption for the red-team harness and tests). Importing this
+package imports OpenFHE (CPython 3.10 only).
 """
 from linalign_jax.helix.bulk import BulkLayout, BulkPlan
 from linalign_jax.helix.linear import LinearLayout, LinearPlan, plan_layout

@@ -1,9 +1,10 @@
 """Bulk (feature-major) HELIX: one ciphertext per input feature across up to `slots` queries, no rotation keys.
 
 Feature j of n queries sits in ciphertext j (slot q = query q); output j is Σ_i A[i, j] · ct_i, one `EvalLinearWSum`
-with scalar weights, so the provider needs no rotation keys and returns d_out ciphertexts, each compressed to one
-tower. Scaling and flooding follow `linear.py`: the scaled column 1-norms bound every slot, bias goes into the n used
-slots and fresh uniform flooding into the others (there, the value would be the output for a zero query).
+with scalar weights, so the provider needs no rotation keys and returns d_out ciphertexts, each rescaled to two
+towers and sanitized (`sanitize.py`) down to one. Scaling follows `linear.py`: the scaled column 1-norms bound every
+slot; the bias goes into the n used slots, the message flood into the others (there the value would be the output for
+a zero query, up to encoding rounding) and into every imaginary part.
 """
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ import numpy as np
 import openfhe as fhe
 
 from linalign_jax.errors import LinalignError
-from linalign_jax.helix.encoding import random_uniform
+from linalign_jax.helix.linear import VALUE_BUDGET_FRACTION, check_weights, scaled_bias, weight_scale
 from linalign_jax.helix.presets import get_preset
-from linalign_jax.helix.linear import (FLOOD_FRACTION, VALUE_BUDGET_FRACTION, check_weights, scaled_bias,
-                                       weight_scale)
+from linalign_jax.helix.sanitize import sanitize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,7 @@ class BulkLayout:
 
     d_in: int
     d_out: int
-    preset: str = "hyb40_50"
+    preset: str = "san48_55"
     kind: str = "bulk"
 
     def __post_init__(self):
@@ -42,6 +42,10 @@ class BulkLayout:
     def rotation_indices(self) -> tuple[int, ...]:
         return ()
 
+    def output_mask(self, n: int) -> np.ndarray:
+        """True at the slots the client reads in every output ciphertext (one per query); the rest is flood."""
+        return np.arange(self.slots) < n
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -53,7 +57,6 @@ class BulkPlan:
         A, a = check_weights(A, a, layout.d_in, layout.d_out)
         self.layout, self.preset = layout, get_preset(layout.preset)
         self.value_budget = self.preset.headroom * VALUE_BUDGET_FRACTION
-        self.flood_bound = self.preset.headroom * FLOOD_FRACTION
         self.scale = weight_scale(np.abs(A).sum(axis=0), self.value_budget)
         self._columns = [[float(w) for w in column] for column in (A / self.scale).T]
         self._bias = a
@@ -62,9 +65,10 @@ class BulkPlan:
     def build(cls, layout: BulkLayout, A: np.ndarray, a: np.ndarray | None = None) -> "BulkPlan":
         return cls(layout, A, a)
 
-    def apply(self, cc: fhe.CryptoContext, feature_chunks: Iterable[Sequence[fhe.Ciphertext]], input_bound: float,
+    def apply(self, cc: fhe.CryptoContext, public_key: fhe.PublicKey,
+              feature_chunks: Iterable[Sequence[fhe.Ciphertext]], input_bound: float,
               n: int) -> tuple[list[fhe.Ciphertext], float]:
-        """d_out one-tower result ciphertexts for n queries, and the output scale.
+        """d_out sanitized one-tower result ciphertexts for n queries, and the output scale.
 
         Features arrive in consecutive chunks (feature order), so the provider holds one chunk of inputs at a time
         (d_in = 4096 ciphertexts would be ~1 GB).
@@ -82,9 +86,12 @@ class BulkPlan:
             start += len(chunk)
         if start != self.layout.d_in:
             raise LinalignError(f"bulk input holds {start} features, expected d_in={self.layout.d_in}")
-        results = []
-        for j, total in enumerate(sums):
-            finishing = random_uniform(self.preset.slots, self.flood_bound)
-            finishing[:n] = bias[j]
-            results.append(cc.EvalAdd(cc.Compress(total, 1), cc.MakeCKKSPackedPlaintext(finishing, 1, 1)))
+        read = self.layout.output_mask(n)
+        results = [sanitize(cc, public_key, _at_degree_2(cc, total), self.preset, np.where(read, bias[j], 0.0), read)
+                   for j, total in enumerate(sums)]
         return results, self.scale * input_bound
+
+
+def _at_degree_2(cc: fhe.CryptoContext, ct: fhe.Ciphertext) -> fhe.Ciphertext:
+    """EvalLinearWSum rescales by itself under FIXEDMANUAL when it multiplies; rescale only what it left at degree 3."""
+    return cc.Rescale(ct) if ct.GetNoiseScaleDeg() == 3 else ct

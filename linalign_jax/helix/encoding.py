@@ -1,12 +1,11 @@
-"""Plain-side value handling of HELIX: decoding plaintexts, bound checks, CSPRNG draws."""
+"""Plain-side value handling of HELIX: decoding plaintexts, bound checks."""
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import openfhe as fhe
 
 from linalign_jax.errors import LinalignError
+
 
 def decode(plaintext: fhe.Plaintext, length: int) -> np.ndarray:
     plaintext.SetLength(length)
@@ -24,9 +23,3 @@ def check_finite_bounded(values: np.ndarray, bound: float, what: str) -> np.ndar
         idx = tuple(int(i) for i in np.unravel_index(np.abs(values).argmax(), values.shape))
         raise LinalignError(f"{what}: |value| {abs(values[idx]):.6g} at index {idx} exceeds the bound {bound:.6g}")
     return values
-
-
-def random_uniform(n: int, bound: float) -> np.ndarray:
-    """`n` values uniform in [-bound, bound] from the OS CSPRNG (flooding masks must be unpredictable to the client)."""
-    words = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)  # 53 random bits each
-    return (words.astype(np.float64) / float(1 << 53) * 2.0 - 1.0) * bound

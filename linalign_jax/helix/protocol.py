@@ -9,12 +9,14 @@ and Z_B (client, d_B). Packing, chosen to reuse the provider's fastest operator:
 
 * the client centres its columns and encrypts them feature-major, one ciphertext per column j and block of S ≤ slots
   samples: x_j = Z̃_B[block, j];
+* blocks are balanced: B = ceil(N / slots) blocks of S = ceil(N / B) samples (N = 4097 gives 2049 + 2048);
 * for every block the provider encodes ONE plan for the affine layer "samples → its d_A features" with A = Z̃_A[block]
-  (centred), and evaluates it on every column ciphertext: Enc(x_jᵀ Z̃_A[block]) is row j of Enc(Z̃_Bᵀ Z̃_A). This is the
-  hybrid diagonal BSGS operator of `linear.py`: ciphertext × plaintext products, additions and ~2√k rotations per
-  column, with the plaintexts encoded once per block and the rotation keys uploaded once; every other slot of a result
-  is an exact copy of an output or flooded, so nothing else of Z_A leaks;
-* the client decrypts, sums blocks (N > S) and solves the ridge locally with its own Z̃_Bᵀ Z̃_B.
+  (centred), all blocks under ONE weight scale, and evaluates it on every column ciphertext of that block: the hybrid
+  diagonal BSGS operator of `linear.py` (ciphertext × plaintext products, additions, ~2√k rotations per column, the
+  plaintexts encoded once per block, the rotation keys uploaded once). It adds the block results of each column
+  homomorphically and returns ONE sanitized ciphertext per column (`sanitize.py`): Enc(x_jᵀ Z̃_A), row j of
+  Enc(Z̃_Bᵀ Z̃_A), with nothing of any single block — or single provider row — left in it for any N;
+* the client decrypts and solves the ridge locally with its own Z̃_Bᵀ Z̃_B.
 
 b* is handled without revealing mean(Z_A): with both sides centred, W* maps centred B to centred A, and
 b* = mean(Z_A) − mean(Z_B) W* splits into −mean(Z_B) W* (kept by the client in its map) and mean(Z_A) (folded by the
@@ -26,7 +28,7 @@ the client's map is z ↦ (z − mean_B) P_B W_r and the provider's fitted head 
 basis leaves its owner. The fit then costs r column ciphertexts of an [S → r] plan instead of d_B of [S → d_A].
 
 What each party learns: the provider learns N, S, the number of columns, r, the client's `input_bound` and ciphertexts.
-The client learns the (reduced) centred cross-covariance Z̃_Bᵀ Z̃_A (its block sums when N > S), tr(Z̃_Aᵀ Z̃_A) in the
+The client learns the (reduced) centred cross-covariance Z̃_Bᵀ Z̃_A (the sum over all blocks), tr(Z̃_Aᵀ Z̃_A) in the
 fitted basis (one scalar, for λ selection by GCV), d_A, and — as in the paper — the map W* it solves for.
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ import numpy as np
 from linalign_jax.errors import LinalignError
 from linalign_jax.helix.presets import get_preset
 from linalign_jax.helix.sessions import ClientSession, ProviderSession
-from linalign_jax.helix.linear import LinearLayout, LinearPlan, plan_layout
+from linalign_jax.helix.linear import VALUE_BUDGET_FRACTION, LinearLayout, LinearPlan, plan_layout, weight_scale
 from linalign_jax.io_utils import Progress
 
 PROTOCOL_VERSION = 1
@@ -183,7 +185,9 @@ class ProviderCore:
             raise LinalignError(f"public-set embeddings have dim {public.Z.shape[1]}, the head expects "
                                 f"{head.dims[0]}")
         slots = get_preset(preset).slots if preset else fit_block
-        self.fit_block = min(fit_block, slots, fit_block if public is None else _pow2_at_least(len(public.Z)))
+        cap = min(fit_block, slots)
+        n = cap if public is None else len(public.Z)
+        self.fit_block = -(-n // -(-n // cap))  # balanced: ceil(N / B) samples in each of B = ceil(N / cap) blocks
         # None: the smallest 128-bit ring per layout. A named preset (tests use a small insecure ring) is then the
         # only one this provider accepts from clients.
         self.preset = preset
@@ -276,8 +280,17 @@ class ProviderCore:
         n, S = len(public.Z), state.block
         n_blocks = -(-n // S)
         basis = public.basis(state.rank)
-        results: dict[tuple[int, int], bytes] = {}
-        plan, plan_block = None, -1
+        centred = (public.Z - public.mean) @ basis
+        # one scale for every block, so that their results add up: it bounds the 1-norm over all N samples
+        budget = get_preset(state.layout.preset).headroom * VALUE_BUDGET_FRACTION
+        scale = weight_scale(np.abs(centred).sum(axis=0), budget)
+        name = f"fit-{secrets.token_hex(8)}"
+        trace = float(public.variances[: state.rank].sum() if state.rank else public.variances.sum())
+        summary = {"head": name, "d": int(basis.shape[1]), "blocks": n_blocks, "columns": columns,
+                   "target_trace": trace}
+        sums: dict[int, Any] = {}
+        seen: set[tuple[int, int]] = set()
+        plan, plan_block, sent, part = None, -1, 0, 0
         progress = Progress("secure fit (provider)", n_blocks * columns, "ciphertexts")
         for fields, blobs in batches:
             block, cols = require(fields, "block", int), require(fields, "columns", list)
@@ -287,27 +300,34 @@ class ProviderCore:
                 raise LinalignError(f"fit batch lists columns {cols[:8]}… for {len(blobs)} ciphertexts; expected one "
                                     f"column index in 0..{columns - 1} per ciphertext")
             if block != plan_block:
-                rows = (public.Z[block * S:(block + 1) * S] - public.mean) @ basis
+                missing = [j for j in range(columns) if (plan_block, j) not in seen] if plan_block >= 0 else []
+                if missing:
+                    raise LinalignError(f"fit block {plan_block} ended without columns {missing[:8]}")
                 A = np.zeros((S, basis.shape[1]))
+                rows = centred[block * S:(block + 1) * S]
                 A[: len(rows)] = rows
-                plan, plan_block = LinearPlan.build(state.layout, A), block
+                plan, plan_block = LinearPlan.build(state.layout, A, scale=scale), block
+            finished = []
             for j, blob in zip(cols, blobs):
-                if (block, j) in results:
+                if (block, j) in seen:
                     raise LinalignError(f"fit column {j} of block {block} was sent twice")
+                seen.add((block, j))
                 with self._keys.read():
-                    results[block, j] = state.session.evaluate(plan, blob)
+                    sums[j] = state.session.accumulate(plan, blob, sums.get(j))[0]
+                    if block == n_blocks - 1:  # the column is complete: sanitize it, drop the sum
+                        finished.append(state.session.finish(plan, sums.pop(j)))
             progress.update(len(blobs))
+            if finished:
+                if len(seen) == n_blocks * columns:  # the last ciphertexts: the head exists before they are sent
+                    self._heads[name] = ServedHead(basis.T @ self._base.V,
+                                                   self._base.c + public.mean @ self._base.V, self._base.labels)
+                for message in _chunks(summary, finished, max_reply_bytes, first_part=part, offset=sent):
+                    part += 1
+                    yield message
+                sent += len(finished)
         progress.close()
-        if len(results) != n_blocks * columns:
-            raise LinalignError(f"fit ended after {len(results)} of {n_blocks * columns} column ciphertexts")
-        name = f"fit-{secrets.token_hex(8)}"
-        self._heads[name] = ServedHead(basis.T @ self._base.V, self._base.c + public.mean @ self._base.V,
-                                       self._base.labels)
-        trace = float(public.variances[: state.rank].sum() if state.rank else public.variances.sum())
-        summary = {"head": name, "d": int(basis.shape[1]), "blocks": n_blocks, "columns": columns,
-                   "target_trace": trace}
-        order = [results[b, j] for b in range(n_blocks) for j in range(columns)]
-        yield from _chunks(summary, order, max_reply_bytes)
+        if len(seen) != n_blocks * columns:
+            raise LinalignError(f"fit ended after {len(seen)} of {n_blocks * columns} column ciphertexts")
 
     # -- internals
 
@@ -327,24 +347,20 @@ class ProviderCore:
         return rank
 
 
-def _chunks(summary: dict, blobs: list[bytes], max_bytes: int) -> Iterator[tuple[dict, list[bytes]]]:
-    """Split the result ciphertexts into messages below `max_bytes`; every message repeats the summary."""
-    parts, current, size = [], [], 0
+def _chunks(summary: dict, blobs: list[bytes], max_bytes: int, first_part: int = 0,
+            offset: int = 0) -> Iterator[tuple[dict, list[bytes]]]:
+    """Split result ciphertexts into messages below `max_bytes`, numbered from `first_part`, each carrying the summary
+    and the index (`offset`) of its first ciphertext among all of the fit's results."""
+    current: list[bytes] = []
+    size, part = 0, first_part
     for blob in blobs:
         if current and size + len(blob) > max_bytes:
-            parts.append(current)
-            current, size = [], 0
+            yield {**summary, "part": part, "offset": offset}, current
+            part, offset, current, size = part + 1, offset + len(current), [], 0
         current.append(blob)
         size += len(blob)
-    parts.append(current)
-    offset = 0
-    for i, part in enumerate(parts):
-        yield {**summary, "part": i, "parts": len(parts), "offset": offset}, part
-        offset += len(part)
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+    if current:
+        yield {**summary, "part": part, "offset": offset}, current
 
 
 # -------------------------------------------------------------------------------------------------------- client
@@ -451,13 +467,10 @@ class SecureFitClient(_ClientKeys):
             if fields.get("offset") != len(blobs) or fields.get("head") != summary["head"]:
                 raise LinalignError(f"fit result part {fields.get('part')} is out of order or from another fit")
             blobs.extend(part)
-        if summary is None or len(blobs) != self.n_blocks * cols or summary.get("columns") != cols:
-            raise LinalignError(f"the fit returned {len(blobs)} of {self.n_blocks * cols} result ciphertexts; "
+        if summary is None or len(blobs) != cols or summary.get("columns") != cols:
+            raise LinalignError(f"the fit returned {len(blobs)} of {cols} result ciphertexts (one per column); "
                                 f"no map is produced from a partial fit")
-        d_out = int(summary["d"])
-        cross = np.zeros((cols, d_out))
-        for i, blob in enumerate(blobs):
-            cross[i % cols] += self.crypto.decrypt(blob)
+        cross = np.stack([self.crypto.decrypt(blob) for blob in blobs])  # the provider summed the blocks
         evals, Q = np.linalg.eigh(self.gram)
         eig = Eigensystem(evals=np.clip(evals, 0.0, None), Q=Q, R=Q.T @ cross,
                           yy_trace=float(summary["target_trace"]), n=float(len(self.X)))

@@ -91,7 +91,7 @@ class ClientSession:
                                 f"{self.layout.queries_per_ciphertext}")
         scaled = check_finite_bounded(queries, self.input_bound, "query embedding") / self.input_bound
         slots = self.layout.pack_queries(scaled)
-        ct = self._cc.Encrypt(self._keys.publicKey, self._cc.MakeCKKSPackedPlaintext(slots))
+        ct = self._cc.Encrypt(self._keys.publicKey, self._cc.MakeCKKSPackedPlaintext(slots, 2, 0))  # scale Δ²
         header = {"key_tag": self.key_tag, "n": len(queries), "single": x.ndim == 1}
         return frame(KIND_QUERY, header, fhe.Serialize(ct, fhe.BINARY))
 
@@ -121,7 +121,8 @@ class ClientSession:
         header = {"key_tag": self.key_tag, "n": len(x)}
         return [frame(KIND_QUERY, dict(header, feature=start + j),
                       fhe.Serialize(self._cc.Encrypt(self._keys.publicKey,
-                                                     self._cc.MakeCKKSPackedPlaintext(scaled[:, j])), fhe.BINARY))
+                                                     self._cc.MakeCKKSPackedPlaintext(scaled[:, j], 2, 0)),
+                                                     fhe.BINARY))
                 for j in range(stop - start)]
 
     def decrypt_bulk(self, results: Sequence[bytes]) -> np.ndarray:
@@ -150,10 +151,11 @@ class ClientSession:
 
     def _decrypt_result(self, blob: bytes) -> tuple[dict[str, Any], np.ndarray]:
         header, payload = unframe(blob, KIND_RESULT)
-        ct = self._load_own(header, payload, "result ciphertext", level=1)
+        ct = self._load_own(header, payload, "result ciphertext", level=self.preset.depth)
         values = decode(self._cc.Decrypt(ct, self._keys.secretKey), self.preset.slots)
-        if not np.isfinite(values).all() or np.abs(values).max() > self.preset.headroom:
-            raise LinalignError(f"result ciphertext decrypts to |value| {np.abs(values).max():.3g} beyond the "
+        read = values[self.layout.output_mask(int(header.get("n", 1)))]  # the rest is flood
+        if not np.isfinite(read).all() or np.abs(read).max() > self.preset.headroom:
+            raise LinalignError(f"result ciphertext decrypts to |value| {np.abs(read).max():.3g} beyond the "
                                 f"headroom {self.preset.headroom:.3g}: the provider's scaling is wrong")
         return header, values
 
@@ -180,7 +182,7 @@ class ProviderSession:
         # OpenFHE re-encodes the plaintext in every EvalMult on a *deserialized* ciphertext (5x slower, measured);
         # anything added onto a locally made ciphertext takes that one's native parameters, so queries are added onto
         # this encryption of zero first.
-        self._native_zero = cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(np.zeros(preset.slots)))
+        self._native_zero = cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(np.zeros(preset.slots), 2, 0))
 
     @classmethod
     def load(cls, bundle: bytes, allowed_presets: Sequence[str] = SECURE_PRESETS) -> "ProviderSession":
@@ -224,7 +226,14 @@ class ProviderSession:
             raise LinalignError(f"session {self.key_tag[:12]}… lacks rotation keys for indices {missing}")
 
     def evaluate(self, plan, query: bytes) -> bytes:
-        """Evaluate a `LinearPlan` on one query frame; returns a result frame holding one 1-tower ciphertext.
+        """Evaluate a `LinearPlan` on one query frame; returns a result frame holding one sanitized 1-tower
+        ciphertext."""
+        acc, n, single = self.accumulate(plan, query)
+        return self.finish(plan, acc, n, single)
+
+    def accumulate(self, plan, query: bytes, acc: fhe.Ciphertext | None = None) -> tuple[fhe.Ciphertext, int, bool]:
+        """(acc + plan.transform(query), queries in the frame, single-query flag): the unsanitized two-tower sum,
+        which never leaves the provider (the secure fit adds its sample blocks this way).
 
         Holds the key registry's shared lock throughout, so no key-map change (another session loading or closing)
         can interleave with the rotations."""
@@ -236,9 +245,13 @@ class ProviderSession:
             if not 1 <= n <= plan.layout.queries_per_ciphertext:
                 raise LinalignError(f"query frame claims {n} queries; the layout holds "
                                     f"1..{plan.layout.queries_per_ciphertext}")
-            result, output_scale = plan.apply(self.cc, ct, self.input_bound, n)
-        out_header = {"key_tag": self.key_tag, "n": n, "single": bool(header.get("single", False)),
-                      "output_scale": output_scale}
+            part = plan.transform(self.cc, ct)
+        return (part if acc is None else self.cc.EvalAdd(acc, part)), n, bool(header.get("single", False))
+
+    def finish(self, plan, acc: fhe.Ciphertext, n: int = 1, single: bool = True) -> bytes:
+        """The sanitized result frame of an `accumulate` sum (bias, fresh re-encryption, flooding, one tower)."""
+        result, output_scale = plan.finish(self.cc, self.public_key, acc, self.input_bound, n)
+        out_header = {"key_tag": self.key_tag, "n": n, "single": single, "output_scale": output_scale}
         return frame(KIND_RESULT, out_header, fhe.Serialize(result, fhe.BINARY))
 
     def evaluate_bulk(self, plan, queries: Sequence[bytes], chunk: int = 256) -> list[bytes]:
@@ -261,7 +274,7 @@ class ProviderSession:
 
         chunks = ([load(j, queries[j]) for j in range(start, min(start + chunk, len(queries)))]
                   for start in range(0, len(queries), chunk))
-        results, output_scale = plan.apply(self.cc, chunks, self.input_bound, n)
+        results, output_scale = plan.apply(self.cc, self.public_key, chunks, self.input_bound, n)
         return [frame(KIND_RESULT, {"key_tag": self.key_tag, "n": n, "output": j, "output_scale": output_scale},
                       fhe.Serialize(ct, fhe.BINARY)) for j, ct in enumerate(results)]
 

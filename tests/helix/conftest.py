@@ -7,7 +7,7 @@ import pytest
 from linalign_jax.helix import ClientSession, LinearPlan, ProviderSession, plan_layout
 
 TEST_PRESET = "insecure_n4096"
-TEST_ALLOWED = ("hyb40_50", "hyb_flood", TEST_PRESET)
+TEST_ALLOWED = ("san48_55", TEST_PRESET)
 
 
 @pytest.fixture

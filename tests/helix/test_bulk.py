@@ -5,6 +5,7 @@ from scipy import stats
 
 from linalign_jax.errors import LinalignError
 from linalign_jax.helix import BulkLayout, BulkPlan, ClientSession, ProviderSession
+from linalign_jax.helix.sanitize import MESSAGE_FLOOD
 
 from tests.helix.conftest import TEST_ALLOWED, TEST_PRESET
 
@@ -33,7 +34,7 @@ def test_bulk_unused_slots_are_flooded(bulk_setup, rng):
     layout, plan, _, _, client, provider = bulk_setup
     results = provider.evaluate_bulk(plan, client.encrypt_bulk(rng.uniform(-2, 2, (10, 40))))
     unused = client._decrypt_result(results[0])[1][10:]
-    assert stats.kstest(unused, stats.uniform(-plan.flood_bound, 2 * plan.flood_bound).cdf).pvalue > 1e-4
+    assert stats.kstest(unused, stats.norm(0, MESSAGE_FLOOD).cdf).pvalue > 1e-4
 
 
 def test_bulk_bad_input(bulk_setup, rng):

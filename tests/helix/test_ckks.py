@@ -6,16 +6,17 @@ import pytest
 from linalign_jax.errors import LinalignError
 from linalign_jax.helix import PRESETS, ClientSession, LinearPlan, ProviderSession, choose_preset, plan_layout
 from linalign_jax.helix.frames import KIND_QUERY, KIND_RESULT, frame, unframe
-from linalign_jax.helix.presets import context_for
+from linalign_jax.helix.presets import HE_STANDARD_128_LOG_QP, context_for, log2_qp
 
 from tests.helix.conftest import TEST_ALLOWED, TEST_PRESET, open_sessions
 
 
-def test_presets_give_the_documented_rings():
-    assert context_for("hyb40_50").GetRingDimension() == 8192
-    assert context_for("hyb40_60").GetRingDimension() == 16384
-    assert choose_preset(4096).name == "hyb40_50"
-    assert choose_preset(4097).name == "hyb40_60"
+def test_presets_give_the_documented_rings_at_128_bits():
+    """The production ring and its log2(QP) against the HE standard's bound (the context builder asserts it too)."""
+    assert context_for("san48_55").GetRingDimension() == 8192
+    assert 200 < log2_qp("san48_55") <= HE_STANDARD_128_LOG_QP[8192] == 218
+    assert choose_preset(4096).name == "san48_55"
+    assert choose_preset(4097).name == "san48_55_n16384"
     with pytest.raises(LinalignError, match="exceeds the largest preset"):
         choose_preset(10**5)
     with pytest.raises(LinalignError, match="unknown CKKS preset 'nope'"):
@@ -23,23 +24,24 @@ def test_presets_give_the_documented_rings():
 
 
 def test_larger_ring_is_chosen_when_d_exceeds_4096_slots():
-    assert plan_layout(5000, 20).preset == "hyb40_60"
-    assert plan_layout(4096, 20).preset == "hyb40_50"
+    assert plan_layout(5000, 20).preset == "san48_55_n16384"
+    assert plan_layout(4096, 20).preset == "san48_55"
 
 
-@pytest.mark.parametrize("preset", ["hyb40_50", "hyb40_60", "hyb_flood", TEST_PRESET])
+@pytest.mark.parametrize("preset", ["san48_55", TEST_PRESET])
 def test_headroom_constant_is_safe_and_the_limit_is_real(preset):
-    """Products up to the preset's headroom decrypt exactly; 8x beyond it OpenFHE silently returns garbage (measured
-    limit: 3x to 4x the headroom), which is why every plan keeps its slots far below the headroom."""
+    """Through the real level chain (degree-2 query × degree-1 plaintext, two rescales), products up to the preset's
+    headroom decrypt exactly; 8x beyond it OpenFHE silently returns garbage. All slots in phase (a constant vector) is
+    the worst case: the whole value sits in one coefficient, which must stay below half the final modulus (2^54)."""
     p = PRESETS[preset]
     cc = context_for(p)
     keys = cc.KeyGen()
-    x = np.linspace(-1, 1, p.slots)
-    ct = cc.Encrypt(keys.publicKey, cc.MakeCKKSPackedPlaintext(x))
+    x = np.ones(p.slots)
+    ct = cc.Encrypt(keys.publicKey, cc.MakeCKKSPackedPlaintext(x, 2, 0))
 
     def decrypted_product(weight):
-        out = cc.Decrypt(cc.Compress(cc.EvalMult(ct, cc.MakeCKKSPackedPlaintext(np.full(p.slots, weight))), 1),
-                         keys.secretKey)
+        product = cc.EvalMult(ct, cc.MakeCKKSPackedPlaintext(np.full(p.slots, weight)))
+        out = cc.Decrypt(cc.Rescale(cc.Rescale(product)), keys.secretKey)
         out.SetLength(p.slots)
         return np.asarray(out.GetRealPackedValue())
 
@@ -72,8 +74,8 @@ def test_bundle_validation(head_setup):
     with pytest.raises(LinalignError, match="preset 'insecure_n4096' not allowed"):
         ProviderSession.load(bundle)  # providers refuse the insecure test ring by default
     header, payload = unframe(bundle, 1)
-    with pytest.raises(LinalignError, match="context is preset insecure_n4096, header says hyb40_50"):  # wrong ring
-        ProviderSession.load(frame(1, dict(header, preset="hyb40_50"), payload), allowed_presets=TEST_ALLOWED)
+    with pytest.raises(LinalignError, match="context is preset insecure_n4096, header says san48_55"):  # wrong ring
+        ProviderSession.load(frame(1, dict(header, preset="san48_55"), payload), allowed_presets=TEST_ALLOWED)
     with pytest.raises(LinalignError, match="part sizes"):
         ProviderSession.load(frame(1, dict(header, part_sizes=[1, 2, 3]), payload), allowed_presets=TEST_ALLOWED)
     with pytest.raises(LinalignError, match="header field missing"):
@@ -90,13 +92,13 @@ def test_bundle_validation(head_setup):
 
 
 def test_missing_rotation_keys_are_named(rng):
-    small = plan_layout(300, 5, preset=TEST_PRESET)  # keys for a fold from 512 down to 8
-    bigger = plan_layout(1000, 5, preset=TEST_PRESET)  # plan needs a fold from 1024
+    small = plan_layout(300, 3, preset=TEST_PRESET)  # 4 diagonals: baby step 1, giant step 2, fold from 4
+    bigger = plan_layout(300, 5, preset=TEST_PRESET)  # 8 diagonals: giant steps 2, 4, 6
     client, provider = open_sessions(small)
     try:
-        plan = LinearPlan.build(bigger, rng.normal(size=(1000, 5)), None)
+        plan = LinearPlan.build(bigger, rng.normal(size=(300, 5)), None)
         provider.layout_json = bigger.to_json()  # a session that claims the layout but lacks its keys
-        with pytest.raises(LinalignError, match=r"lacks rotation keys for indices \[512\]"):
+        with pytest.raises(LinalignError, match=r"lacks rotation keys for indices \[6\]"):
             provider.evaluate(plan, client.encrypt(np.zeros(300)))
     finally:
         provider.close()
@@ -128,9 +130,9 @@ def test_bad_queries_are_rejected_with_their_problem(head_setup):
     result = provider.evaluate(plan, client.encrypt(x))
     with pytest.raises(LinalignError, match="got a result ciphertext frame instead"):
         provider.evaluate(plan, result)
-    # A result ciphertext (one tower, level 1) re-framed as a query is caught by its level.
+    # A result ciphertext (one tower, level 2) re-framed as a query is caught by its level.
     _, payload = unframe(result, KIND_RESULT)
-    with pytest.raises(LinalignError, match="level 1 with 2 elements, expected level 0"):
+    with pytest.raises(LinalignError, match="level 2 with 2 elements, expected level 0"):
         provider.evaluate(plan, frame(KIND_QUERY, {"key_tag": client.key_tag, "n": 1}, payload))
     # Garbled ciphertext bytes with a valid frame: OpenFHE's own error, named.
     for garbage in (b"\x01" * 64, b"\x00" * 64):
@@ -154,7 +156,7 @@ def test_ciphertexts_of_other_sessions_and_rings_are_rejected(head_setup, rng):
         other_provider.close()
         other_client.close()
     # A ciphertext of the 8192 ring presented to a session on the 4096 ring.
-    big_cc = context_for("hyb40_50")
+    big_cc = context_for("san48_55")
     big = big_cc.Encrypt(big_cc.KeyGen().publicKey, big_cc.MakeCKKSPackedPlaintext(np.zeros(8)))
     with pytest.raises(LinalignError, match="ring dimension 8192, expected 4096"):
         provider.evaluate(plan, frame(KIND_QUERY, {"key_tag": client.key_tag, "n": 1}, fhe.Serialize(big, fhe.BINARY)))

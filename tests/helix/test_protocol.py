@@ -98,9 +98,9 @@ def test_query_session_validates_layout(parties):
 
 def test_chunks_respect_the_size_limit_and_keep_order():
     blobs = [bytes([i]) * 100 for i in range(7)]
-    parts = list(_chunks({"head": "h"}, blobs, 250))
+    parts = list(_chunks({"head": "h"}, blobs, 250, first_part=3, offset=10))
     assert [len(p) for _, p in parts] == [2, 2, 2, 1]
-    assert [f["offset"] for f, _ in parts] == [0, 2, 4, 6] and all(f["parts"] == 4 for f, _ in parts)
+    assert [f["offset"] for f, _ in parts] == [10, 12, 14, 16] and [f["part"] for f, _ in parts] == [3, 4, 5, 6]
     assert b"".join(b for _, p in parts for b in p) == b"".join(blobs)
 
 
@@ -109,4 +109,5 @@ def test_constant_client_feature_is_encrypted_as_zeros(parties):
     core, _, Z_B, _ = parties
     with_constant = np.c_[Z_B, np.full(len(Z_B), 0.1)]
     affine, _ = run_fit(core, with_constant, rank=0)
-    assert np.abs(affine.W[-1]).max() < 1e-4 < np.abs(affine.W[:-1]).max()  # CKKS noise only
+    # only noise: the flood (slot std ~2^-25) times the output scale (128 here) over the ridge λ = 0.1
+    assert np.abs(affine.W[-1]).max() < 5e-4 < 1e-2 < np.abs(affine.W[:-1]).max()
