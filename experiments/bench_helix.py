@@ -2,6 +2,8 @@
 
     python -m experiments.bench_helix --d=4096 --k=20 --json_out=/tmp/helix.json
     python -m experiments.bench_helix --sweep --json_out=/tmp/helix_sweep.json
+    python -m experiments.bench_helix --fit_rank=64 --json_out=/tmp/helix_fit_r64.json     # secure fit only
+    python -m experiments.bench_helix --fit_rank=0 --json_out=/tmp/helix_fit_full.json     # full rank (minutes)
 
 Every result is sanitized (`linalign_jax.helix.sanitize`: fresh re-encryption and noise flooding per response), so the
 numbers include that cost (`sanitize` is also timed on its own). Every timing is reported as wall and process-CPU
@@ -39,6 +41,9 @@ flags.DEFINE_integer("bulk_queries", 4096, "Queries per bulk batch (<= slots).")
 flags.DEFINE_integer("bulk_distinct", 32, "Distinct feature ciphertexts encrypted per bulk batch (reused cyclically).")
 flags.DEFINE_bool("tenseal", True, "Run TenSEAL in the same process for comparison.")
 flags.DEFINE_bool("tenseal_matmul", True, "Include TenSEAL's vector-matrix matmul (tens of seconds at d=4096).")
+flags.DEFINE_integer("fit_rank", None, "Benchmark only the secure fit at this rank (0 = full) instead of heads.")
+flags.DEFINE_integer("fit_n", 4096, "Secure fit: public-set size.")
+flags.DEFINE_integer("fit_d", 768, "Secure fit: embedding dimension of both parties.")
 flags.DEFINE_string("json_out", None, "Write all measurements as JSON here.")
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic head and embeddings.")
 
@@ -186,6 +191,35 @@ def run_config(d: int, k: int, progress: Progress) -> dict[str, Any]:
     return row
 
 
+def bench_fit(n: int, d: int, rank: int) -> dict[str, Any]:
+    """Both parties of one secure fit in this process (client encryption, provider evaluation, client solve): wall
+    seconds, and the process's peak RSS (its growth over the start is the fit's memory)."""
+    import resource
+
+    from linalign_jax.helix.protocol import ProviderCore, PublicEmbeddings, SecureFitClient, ServedHead
+
+    rng = np.random.default_rng(FLAGS.seed)
+    Z_B = rng.normal(size=(n, d)) / np.sqrt(d)
+    Z_A = Z_B @ rng.normal(size=(d, d)) / np.sqrt(d) + 0.1 * rng.normal(size=(n, d)) / np.sqrt(d)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    w0, c0 = time.perf_counter(), time.process_time()
+    core = ProviderCore(ServedHead(rng.normal(size=(d, 20)) / np.sqrt(d), np.zeros(20), tuple(map(str, range(20)))),
+                        public=PublicEmbeddings.from_array("pub", Z_A))
+    client = SecureFitClient(Z_B, core.describe()["fit"], rank=rank)
+    state, _ = core.open_session(client.open_fields(), [client.bundle()])
+    try:
+        replies = list(core.fit(state, client.start_fields(), client.batches(), max_reply_bytes=64 << 20))
+    finally:
+        core.release(state)
+    affine, info = client.solve(replies, lam=1.0)
+    client.close()
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"fit_n": n, "fit_d": d, "fit_rank": rank, "sanitized": True, "fit_wall_s": wall, "fit_cpu_s": cpu,
+            "fit_peak_rss_mb": rss, "fit_rss_growth_mb": rss - rss0, "blocks": info["blocks"],
+            "result_ciphertexts": sum(len(b) for _, b in replies), "rotation_keys": len(client.layout.rotation_indices())}
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     columns = ["d", "k", "method", "rot keys", "head eval ms (cpu)", "e2e ms (cpu)", "enc / dec cpu ms",
                "KB up / down", "key MB", "bulk eval ms/q (cpu)", "TenSEAL dot ms (cpu)", "speedup (cpu)",
@@ -213,8 +247,15 @@ def _markdown_row(r: dict[str, Any], o: dict[str, Any]) -> str:
 
 def main(argv):
     del argv
-    configs = [(d, k) for d in SWEEP_D for k in SWEEP_K] if FLAGS.sweep else [(FLAGS.d, FLAGS.k)]
     load = os.getloadavg()[0]
+    if FLAGS.fit_rank is not None:
+        row = bench_fit(FLAGS.fit_n, FLAGS.fit_d, FLAGS.fit_rank)
+        row["load_average_start"], row["load_average_end"] = load, os.getloadavg()[0]
+        print(row)
+        if FLAGS.json_out:
+            atomic_write_json(FLAGS.json_out, row)
+        return
+    configs = [(d, k) for d in SWEEP_D for k in SWEEP_K] if FLAGS.sweep else [(FLAGS.d, FLAGS.k)]
     print(f"bench_helix: {len(configs)} configs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
           f"load average {load:.2f} on {os.cpu_count()} cores", file=sys.stderr)
     progress = Progress("bench_helix configs", total=len(configs), unit="configs")
