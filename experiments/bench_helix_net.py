@@ -53,7 +53,7 @@ def _cpu_seconds(pid: int) -> float:
 
 class Provider:
     def __init__(self, work: Path, token_file: Path, **flags_):
-        from experiments.helix_data import launch_provider
+        from linalign_jax.serve.launch import launch_provider
 
         self.proc, self.target = launch_provider({"port": 0, "token_file": token_file, **flags_},
                                                  work / f"port-{secrets.token_hex(4)}.json",

@@ -6,8 +6,16 @@
 
 classify: embeds --task_data's test split with its own --model (or reads --features/--labels .npy), maps it locally
 with --map, encrypts each query under fresh session keys, and writes --out (JSON): a summary (accuracy, latency p50/p99,
-bytes per query) and one record per query (label, prediction, latency_ms, bytes_up, bytes_down).
+bytes per query) and one record per query (label, prediction, latency_ms, bytes_up, bytes_down). --bulk sends all
+queries feature-major in one streamed call (thousands of queries per ciphertext; no per-query latency then).
+With --plaintext_head (the provider's saved head, where you have it: tests, one-machine runs) it also prints the
+plaintext pipeline's accuracy next to the encrypted one.
 fit: runs the secure map fit (paper §3.2) on the public set and saves the map to --map_out only once it is complete.
+
+Before embedding anything the client checks what must match: the provider's public set (spec, limit, seed) for a fit,
+the map's model, pooling and normalisation against this client's flags for classify, and the provider's CKKS preset
+(128-bit only, unless --allow_insecure_preset_for_tests). Without --tls_ca it talks only to a loopback address unless
+--allow_plaintext.
 """
 from __future__ import annotations
 
@@ -28,6 +36,10 @@ flags.DEFINE_string("token", "", "bearer token (prefer --token_file)")
 flags.DEFINE_string("token_file", "", "file holding the bearer token")
 flags.DEFINE_string("tls_ca", "", "PEM CA (or the provider's self-signed certificate): enables TLS")
 flags.DEFINE_string("tls_server_name", "", "expected name in the provider's certificate, if not the host")
+flags.DEFINE_bool("allow_plaintext", False, "talk to a non-loopback provider without TLS (trusted networks only)")
+flags.DEFINE_bool("allow_insecure_preset_for_tests", False, "accept a provider preset below 128-bit (tests only)")
+flags.DEFINE_bool("bulk", False, "classify: all queries in one streamed feature-major call (no per-query latency)")
+flags.DEFINE_string("plaintext_head", "", "classify: the provider's saved head, to print the plaintext accuracy too")
 flags.DEFINE_float("timeout_s", 60.0, "deadline of each query (a fit gets --fit_timeout_s)")
 flags.DEFINE_float("fit_timeout_s", 3600.0, "deadline of the whole secure fit")
 flags.DEFINE_string("model", "", "the client's own model spec")
@@ -76,7 +88,58 @@ def connect():
             where = json.load(f)
         target = f"{where['host']}:{where['port']}"
     return ProviderClient(target, token=load_token(FLAGS.token, FLAGS.token_file), tls_ca=FLAGS.tls_ca or None,
-                          tls_server_name=FLAGS.tls_server_name or None, timeout_s=FLAGS.timeout_s)
+                          tls_server_name=FLAGS.tls_server_name or None, allow_plaintext=FLAGS.allow_plaintext,
+                          allow_insecure_preset_for_tests=FLAGS.allow_insecure_preset_for_tests,
+                          timeout_s=FLAGS.timeout_s)
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Specs naming the same model: an asset name and its hub id ('all-MiniLM-L6-v2' and
+    'sentence-transformers/all-MiniLM-L6-v2') or the same path."""
+    return a.rstrip("/").rsplit("/", 1)[-1].split("@")[0] == b.rstrip("/").rsplit("/", 1)[-1].split("@")[0]
+
+
+def check_map(meta: dict, path: str) -> None:
+    """The map must have been fitted on features made the way this client will make them (issue 16: a map from
+    another model, pooling or normalisation gives near-chance accuracy without any error)."""
+    if FLAGS.features:
+        return  # the caller embedded the queries itself
+    problems = []
+    source = meta.get("source_model")
+    if source and FLAGS.model and not _same_model(str(source), FLAGS.model):
+        problems.append(f"it maps from model {source!r}, this client embeds with --model={FLAGS.model}")
+    if meta.get("pooling", FLAGS.pooling) != FLAGS.pooling:
+        problems.append(f"it was fitted on {meta['pooling']!r} pooling, this client uses --pooling={FLAGS.pooling}")
+    # maps without the key (experiments.scale_out) were fitted on unnormalised features, the library default
+    normalized = bool(meta.get("normalize", False))
+    if normalized != FLAGS.normalize:
+        problems.append(f"it was fitted on {'L2-normalised' if normalized else 'unnormalised'} features, this client "
+                        f"uses --{'' if FLAGS.normalize else 'no'}normalize")
+    if meta.get("max_length", FLAGS.max_length) != FLAGS.max_length:
+        problems.append(f"it was fitted with max_length {meta['max_length']}, this client uses "
+                        f"--max_length={FLAGS.max_length}")
+    if problems:
+        raise LinalignError(f"map {path} does not fit this client: {'; '.join(problems)}. Use the flags the map "
+                            f"was fitted with, or fit a map for these")
+
+
+def check_public_set(info: dict, n_rows: int | None) -> None:
+    """Both parties must embed the same public texts in the same order (issue 16: a different --data_seed gives a
+    map with λ 135 and 21% accuracy, silently)."""
+    if "fit" not in info:
+        raise LinalignError(f"the provider serves no public set, so it cannot run a secure fit")
+    advertised = info.get("provider", {}).get("public_data")
+    if advertised and not FLAGS.public_features:
+        mine = {"spec": FLAGS.public_data, "limit": FLAGS.public_limit, "seed": FLAGS.data_seed}
+        wrong = [f"--{flag}={mine[key]} (provider: {advertised[key]})" for key, flag in
+                 (("spec", "public_data"), ("limit", "public_limit"), ("seed", "data_seed"))
+                 if mine[key] != advertised.get(key)]
+        if wrong:
+            raise LinalignError(f"the provider's public set is {info['fit']['public_set']!r}; this client would "
+                                f"embed another one: {', '.join(wrong)}. Use the provider's values")
+    if n_rows is not None and n_rows != info["fit"]["n"]:
+        raise LinalignError(f"the client's public set has {n_rows} rows, the provider's {info['fit']['public_set']!r} "
+                            f"has {info['fit']['n']} (same texts, same order)")
 
 
 def task_embeddings() -> tuple[np.ndarray, np.ndarray]:
@@ -98,25 +161,39 @@ def task_embeddings() -> tuple[np.ndarray, np.ndarray]:
 def classify() -> dict:
     from linalign_jax.align import apply_map, load_map
     from linalign_jax.io_utils import atomic_write_json
-    from linalign_jax.serve.parties import classify as run_queries
+    from linalign_jax.serve import parties
 
     if not FLAGS.map:
         raise LinalignError("--map (a saved map directory) is required to classify")
     affine, meta = load_map(FLAGS.map)
-    Z, labels = task_embeddings()
-    mapped = apply_map(affine, np.asarray(Z, np.float32)).astype(np.float64)
-    bound = FLAGS.input_bound or 2.0 ** np.ceil(np.log2(max(np.abs(mapped).max(), 1e-12)))
+    check_map(meta, FLAGS.map)
     with connect() as client:
-        info = client.info()
+        info = client.info()  # before embedding: a wrong address or token fails in a second
         head = meta.get("helix_head", "base")
-        if head == "base" and mapped.shape[1] != info["head"]["d"]:
-            raise LinalignError(f"map {FLAGS.map} outputs dim {mapped.shape[1]}, the provider's head takes "
+        if head == "base" and affine.target_dim != info["head"]["d"]:
+            raise LinalignError(f"map {FLAGS.map} outputs dim {affine.target_dim}, the provider's head takes "
                                 f"{info['head']['d']}")
-        run = run_queries(client, mapped, head=head, k=info["head"]["k"], input_bound=bound,
-                          preset=info.get("preset"), timeout_s=FLAGS.timeout_s)
+        Z, labels = task_embeddings()
+        mapped = apply_map(affine, np.asarray(Z, np.float32)).astype(np.float64)
+        bound = FLAGS.input_bound or 2.0 ** np.ceil(np.log2(max(np.abs(mapped).max(), 1e-12)))
+        run = (parties.classify_bulk if FLAGS.bulk else parties.classify)(
+            client, mapped, head=head, k=info["head"]["k"], input_bound=bound, preset=info.get("preset"),
+            timeout_s=FLAGS.timeout_s)
     predictions = run.logits.argmax(1)
-    summary = {**run.summary(), "provider": client.target, "head": head, "input_bound": bound,
-               "accuracy": float(np.mean(predictions == labels)) if (labels >= 0).all() else None}
+    labelled = bool(len(labels)) and (labels >= 0).all()
+    summary = {**run.summary(), "provider": client.target, "head": head, "input_bound": bound, "bulk": FLAGS.bulk,
+               "accuracy": float(np.mean(predictions == labels)) if labelled else None,
+               "plaintext_accuracy": None, "prediction_agreement": None}
+    if FLAGS.plaintext_head:
+        from linalign_jax.serve.heads import load_head
+
+        plain = load_head(FLAGS.plaintext_head)[0]
+        if plain.dims != (mapped.shape[1], run.logits.shape[1]):
+            raise LinalignError(f"--plaintext_head {FLAGS.plaintext_head} has shape {plain.dims}, the queries "
+                                f"need [{mapped.shape[1]}, {run.logits.shape[1]}] (a fitted head variant?)")
+        plain_pred = (mapped @ plain.V + plain.c).argmax(1)
+        summary["prediction_agreement"] = float(np.mean(plain_pred == predictions))
+        summary["plaintext_accuracy"] = float(np.mean(plain_pred == labels)) if labelled else None
     records = [{"i": i, "label": int(labels[i]), "prediction": int(predictions[i]),
                 "latency_ms": float(run.latency_s[i] * 1e3), "bytes_up": int(run.bytes_up[i]),
                 "bytes_down": int(run.bytes_down[i])} for i in range(len(predictions))]
@@ -124,10 +201,14 @@ def classify() -> dict:
         atomic_write_json(FLAGS.out, {"command": " ".join(sys.argv), "summary": summary, "labels": info["head"]["labels"],
                                       "predictions": records, "logits": run.logits})
     acc = "n/a" if summary["accuracy"] is None else f"{summary['accuracy']:.4f}"
-    print(f"| queries | accuracy | p50 ms | p99 ms | bytes/query (up + down) | session setup |\n"
-          f"|---|---|---|---|---|---|\n"
-          f"| {summary['queries']} | {acc} | {summary['latency_ms_p50']:.1f} | {summary['latency_ms_p99']:.1f} | "
-          f"{summary['bytes_per_query']:,.0f} ({summary['bytes_up_per_query']:,.0f} + "
+    plain_acc = ("n/a (give --plaintext_head)" if summary["prediction_agreement"] is None else
+                 f"{summary['plaintext_accuracy']:.4f} ({summary['prediction_agreement'] * 100:.1f}% same predictions)"
+                 if summary["plaintext_accuracy"] is not None else
+                 f"n/a ({summary['prediction_agreement'] * 100:.1f}% same predictions)")
+    print(f"| queries | accuracy (encrypted) | accuracy (plaintext) | p50 ms | p99 ms | bytes/query (up + down) | "
+          f"session setup |\n|---|---|---|---|---|---|---|\n"
+          f"| {summary['queries']} | {acc} | {plain_acc} | {summary['latency_ms_p50']:.2f} | "
+          f"{summary['latency_ms_p99']:.2f} | {summary['bytes_per_query']:,.0f} ({summary['bytes_up_per_query']:,.0f} + "
           f"{summary['bytes_down_per_query']:,.0f}) | {summary['session_setup_bytes'] / 1e6:.1f} MB, "
           f"{summary['session_setup_s']:.2f} s |")
     return summary
@@ -141,18 +222,23 @@ def fit() -> dict:
     if not FLAGS.map_out:
         raise LinalignError("--map_out is required for --mode=fit")
     lam = parse_lambda(FLAGS.ridge_lambda)
-    if FLAGS.public_features:
-        Z_B = _load_npy(FLAGS.public_features, "--public_features")
-    else:
-        from linalign_jax.data import load_texts
-
-        Z_B = _embed(load_texts(FLAGS.public_data, limit=FLAGS.public_limit, seed=FLAGS.data_seed))
     start = time.perf_counter()
     with connect() as client:
+        info = client.info()
+        check_public_set(info, None)  # before embedding (16 s for 4,096 texts)
+        if FLAGS.public_features:
+            Z_B = _load_npy(FLAGS.public_features, "--public_features")
+        else:
+            from linalign_jax.data import load_texts
+
+            Z_B = _embed(load_texts(FLAGS.public_data, limit=FLAGS.public_limit, seed=FLAGS.data_seed))
+        check_public_set(info, len(Z_B))
         run = secure_fit(client, Z_B, rank=FLAGS.rank, lam=lam, batch_columns=FLAGS.batch_columns,
                          timeout_s=FLAGS.fit_timeout_s)
     save_map(FLAGS.map_out, run.affine, {**run.info, "source_model": FLAGS.model or FLAGS.public_features,
-                                         "provider": client.target, "command": " ".join(sys.argv)})
+                                         "pooling": FLAGS.pooling, "normalize": FLAGS.normalize,
+                                         "max_length": FLAGS.max_length, "provider": client.target,
+                                         "command": " ".join(sys.argv)})
     print(f"secure fit: map [{run.affine.source_dim} -> {run.affine.target_dim}] (rank {FLAGS.rank or 'full'}, "
           f"λ={run.info['lambda']:.3g}) saved to {FLAGS.map_out} in {time.perf_counter() - start:.1f} s, "
           f"{run.info['bytes_total'] / 1e6:.1f} MB exchanged (keys {run.info['key_bundle_bytes'] / 1e6:.1f} MB, "

@@ -43,7 +43,7 @@ flags.DEFINE_float("provider_start_timeout_s", 3600.0, "wait this long for the p
 
 
 def start_provider(out_dir: Path, token_file: Path) -> tuple[subprocess.Popen, str]:
-    from experiments.helix_data import launch_provider
+    from linalign_jax.serve.launch import launch_provider
 
     return launch_provider({"model": FLAGS.target_model, "task_data": FLAGS.task_data,
                             "train_limit": FLAGS.train_limit,

@@ -5,11 +5,15 @@
 The head is a saved head directory (--head) or trained here on the provider's own model's embeddings of a labelled
 task (--model, --task_data; --save_head keeps it). A secure fit needs the provider's embeddings of the public set:
 --public_data (embedded with --model) or --public_features (an .npy array, rows in the public set's order).
+Every flag, file and the port are checked first (seconds), the model is loaded once and the head trained after (minutes).
 Writes --port_file (JSON {"host", "port", "pid"}) once it accepts connections; SIGTERM/SIGINT end every session and stop.
 """
 from __future__ import annotations
 
+import errno
+import os
 import signal
+import socket
 import sys
 import threading
 
@@ -19,13 +23,14 @@ from absl import app, flags
 from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("host", "127.0.0.1", "address to bind (0.0.0.0 for every interface; use TLS off-host)")
+flags.DEFINE_string("host", "127.0.0.1", "address to bind (0.0.0.0 for every interface; needs TLS or --allow_plaintext)")
 flags.DEFINE_integer("port", 50051, "port to bind (0 = any free port, see --port_file)")
 flags.DEFINE_string("port_file", "", "write {host, port, pid} here (atomically) once serving")
 flags.DEFINE_string("token", "", "bearer token clients must present (prefer --token_file)")
 flags.DEFINE_string("token_file", "", "file holding the bearer token")
 flags.DEFINE_string("tls_cert", "", "PEM certificate chain; with --tls_key enables TLS")
 flags.DEFINE_string("tls_key", "", "PEM private key for --tls_cert")
+flags.DEFINE_bool("allow_plaintext", False, "serve a non-loopback address without TLS (trusted networks only)")
 flags.DEFINE_string("head", "", "saved head directory to serve ('' = train one on --task_data)")
 flags.DEFINE_string("save_head", "", "write the trained head here")
 flags.DEFINE_string("model", "", "the provider's own model spec (trains the head, embeds the public set)")
@@ -45,11 +50,18 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model compute dt
 flags.DEFINE_integer("data_seed", 0, "seed of the dataset split and the public-set shuffle")
 flags.DEFINE_string("state_dir", "", "keeps head variants registered by secure fits across restarts")
 flags.DEFINE_integer("max_sessions", 64, "live sessions at most")
+flags.DEFINE_integer("max_sessions_per_client", 16, "live sessions per client address at most")
+flags.DEFINE_integer("max_queries_per_session", 0,
+                     "queries a session may make (0 = unlimited; full logits allow extracting a d-dim head with ~d)")
 flags.DEFINE_float("session_ttl_s", 3600.0, "a session ends this long after it opened")
 flags.DEFINE_float("idle_timeout_s", 300.0, "a session ends after this long without a call")
-flags.DEFINE_integer("max_message_mb", 256, "largest gRPC message accepted or sent (MiB)")
+flags.DEFINE_float("call_timeout_s", 300.0, "server-side deadline of one unary call (a fit: the session TTL)")
+flags.DEFINE_integer("max_message_mb", 0, "largest gRPC message accepted or sent (MiB; 0 = the largest real request)")
 flags.DEFINE_integer("workers", 8, "RPC worker threads besides the one each session lease holds")
 flags.DEFINE_string("preset", "auto", "CKKS preset every client must use ('auto' = smallest 128-bit ring per layout)")
+flags.DEFINE_bool("allow_insecure_preset_for_tests", False, "accept a preset below 128-bit security (tests only)")
+flags.DEFINE_integer("sandbox_memory_mb", 4096,
+                     "address-space limit of the worker that parses client key material first (0 = no worker)")
 flags.DEFINE_integer("fit_block", 4096, "public-set samples per fit ciphertext (at most the ring's slots)")
 
 
@@ -59,14 +71,60 @@ def _embed(texts: list[str]) -> np.ndarray:
     return embed_with_flags(FLAGS, texts, "to train a head or embed the public set")
 
 
+def check_flags() -> str:
+    """Everything that can be checked in seconds, before any model is loaded; returns the token."""
+    from linalign_jax.helix import PRESETS
+    from linalign_jax.serve.auth import load_token, server_credentials
+    from linalign_jax.serve.server import is_loopback
+
+    token = load_token(FLAGS.token, FLAGS.token_file)
+    if bool(FLAGS.tls_cert) != bool(FLAGS.tls_key):
+        raise LinalignError("TLS needs both --tls_cert and --tls_key")
+    if FLAGS.tls_cert:
+        server_credentials(FLAGS.tls_cert, FLAGS.tls_key)  # both files exist and are PEM
+    elif not is_loopback(FLAGS.host) and not FLAGS.allow_plaintext:
+        raise LinalignError(f"--host={FLAGS.host} without TLS would send the bearer token and ciphertexts in the "
+                            f"clear: give --tls_cert and --tls_key, or --allow_plaintext on a trusted network")
+    if FLAGS.preset != "auto":
+        if FLAGS.preset not in PRESETS:
+            raise LinalignError(f"--preset={FLAGS.preset} is not one of {['auto', *PRESETS]}")
+        if not PRESETS[FLAGS.preset].secure and not FLAGS.allow_insecure_preset_for_tests:
+            raise LinalignError(f"--preset={FLAGS.preset} is below 128-bit security: tests only "
+                                f"(--allow_insecure_preset_for_tests)")
+    if not FLAGS.head and not (FLAGS.model and FLAGS.task_data):
+        raise LinalignError("give --head (a saved head) or --model and --task_data to train one")
+    for flag in ("head", "public_features"):
+        if getattr(FLAGS, flag) and not os.path.exists(getattr(FLAGS, flag)):
+            raise LinalignError(f"--{flag}={getattr(FLAGS, flag)} does not exist")
+    if FLAGS.public_data and not FLAGS.public_features and not FLAGS.model:
+        raise LinalignError("--public_data needs --model to embed it (or give --public_features)")
+    if FLAGS.public_limit < 1 or FLAGS.train_limit < 0:
+        raise LinalignError(f"--public_limit must be >= 1 and --train_limit >= 0, got {FLAGS.public_limit}, "
+                            f"{FLAGS.train_limit}")
+    check_bindable(FLAGS.host, FLAGS.port)
+    return token
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Fail in a second, not after minutes of loading, when the address cannot be served."""
+    if port == 0:
+        return
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+        raise LinalignError(f"{host}:{port} {why}: stop the other server or choose another --port") from None
+
+
 def load_or_train_head():
     from linalign_jax.helix.protocol import ServedHead
     from linalign_jax.serve.heads import load_head, save_head
 
     if FLAGS.head:
         return load_head(FLAGS.head)[0]
-    if not FLAGS.task_data:
-        raise LinalignError("give --head (a saved head) or --model and --task_data to train one")
     import jax
 
     from experiments.helix_data import subsample
@@ -81,8 +139,9 @@ def load_or_train_head():
     head = train_head(x, labels[keep], len(names), jax.random.PRNGKey(FLAGS.head_seed))
     test_acc = accuracy(head, _embed(list(task["test"]["text"])), np.asarray(task["test"]["label"])) \
         if FLAGS.head_test_accuracy else None
-    print(f"helix provider: trained head on {len(keep)} rows of {FLAGS.task_data} (test accuracy {test_acc})",
-          file=sys.stderr, flush=True)
+    where = "" if test_acc is None else f"; test accuracy {test_acc:.4f}"
+    print(f"helix provider: trained head on {len(keep)} rows of {FLAGS.task_data}{where}", file=sys.stderr,
+          flush=True)
     served = ServedHead(np.asarray(head.V), np.asarray(head.c), names)
     if FLAGS.save_head:
         save_head(FLAGS.save_head, served, {"model": FLAGS.model, "task_data": FLAGS.task_data,
@@ -110,34 +169,44 @@ def load_public():
     return None
 
 
+def public_facts() -> dict:
+    """What a client must match before it embeds anything (issue 16): the public set and the provider's features."""
+    facts = {"model": FLAGS.model or None, "pooling": FLAGS.pooling, "normalize": FLAGS.normalize,
+             "max_length": FLAGS.max_length}
+    if FLAGS.public_data and not FLAGS.public_features:
+        facts["public_data"] = {"spec": FLAGS.public_data, "limit": FLAGS.public_limit, "seed": FLAGS.data_seed}
+    return facts
+
+
 def main(argv):
     del argv
-    import os
-
+    from linalign_jax.helix import validate
     from linalign_jax.helix.protocol import ProviderCore
+    from linalign_jax.helix.sandbox import Sandbox
     from linalign_jax.io_utils import atomic_write_json
-    from linalign_jax.serve.auth import load_token
     from linalign_jax.serve.heads import HeadStore
     from linalign_jax.serve.server import ProviderServer
 
     try:
-        token = load_token(FLAGS.token, FLAGS.token_file)
-        if bool(FLAGS.tls_cert) != bool(FLAGS.tls_key):
-            raise LinalignError("TLS needs both --tls_cert and --tls_key")
+        token = check_flags()
+        if FLAGS.sandbox_memory_mb:
+            validate.use_sandbox(Sandbox(memory_mb=FLAGS.sandbox_memory_mb))
         core = ProviderCore(load_or_train_head(), public=load_public(),
                             fitted_heads=HeadStore(os.path.join(FLAGS.state_dir, "heads") if FLAGS.state_dir
                                                    else None),
                             preset=None if FLAGS.preset == "auto" else FLAGS.preset, fit_block=FLAGS.fit_block)
         server = ProviderServer(core, token=token, host=FLAGS.host, port=FLAGS.port,
                                 tls=(FLAGS.tls_cert, FLAGS.tls_key) if FLAGS.tls_cert else None,
-                                max_sessions=FLAGS.max_sessions, session_ttl_s=FLAGS.session_ttl_s,
-                                idle_timeout_s=FLAGS.idle_timeout_s,
-                                max_message_bytes=FLAGS.max_message_mb << 20, workers=FLAGS.workers)
+                                allow_plaintext=FLAGS.allow_plaintext, max_sessions=FLAGS.max_sessions,
+                                max_sessions_per_client=FLAGS.max_sessions_per_client,
+                                max_queries_per_session=FLAGS.max_queries_per_session,
+                                session_ttl_s=FLAGS.session_ttl_s, idle_timeout_s=FLAGS.idle_timeout_s,
+                                call_timeout_s=FLAGS.call_timeout_s,
+                                max_message_bytes=FLAGS.max_message_mb << 20 if FLAGS.max_message_mb else None,
+                                workers=FLAGS.workers, facts=public_facts(),
+                                allow_insecure_preset_for_tests=FLAGS.allow_insecure_preset_for_tests)
     except LinalignError as e:
         sys.exit(f"error: {e}")
-    if not FLAGS.tls_cert and FLAGS.host not in ("127.0.0.1", "localhost", "::1"):
-        print("helix provider: WARNING serving without TLS on a non-loopback address: the bearer token and "
-              "ciphertexts travel in the clear", file=sys.stderr, flush=True)
     server.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -146,7 +215,8 @@ def main(argv):
         atomic_write_json(FLAGS.port_file, {"host": FLAGS.host, "port": server.port, "pid": os.getpid()})
     d, k = core.head("base").dims
     print(f"helix provider: serving head [{d} -> {k}] on {FLAGS.host}:{server.port} "
-          f"({'TLS' if FLAGS.tls_cert else 'plaintext transport'}; secure fit "
+          f"({'TLS' if FLAGS.tls_cert else 'plaintext transport'}; messages up to "
+          f"{server.max_message_bytes / 2**20:.1f} MiB; secure fit "
           f"{'on ' + core.public.name if core.public else 'off'})", file=sys.stderr, flush=True)
     stop.wait()
     print("helix provider: shutting down", file=sys.stderr, flush=True)

@@ -1,8 +1,14 @@
 """The one owner of OpenFHE's process-global rotation-key map.
 
-OpenFHE keeps rotation keys in one process-global map keyed by the tag of the secret key that made them. A provider
-serving many sessions therefore registers each session's keys under its tag (`_KeyRegistry`), restores the other
-sessions' keys if a bundle tried to overwrite them, and removes only its own keys when a session closes.
+OpenFHE keeps rotation keys in one process-global map keyed by the tag of the secret key that made them; evaluations
+read it, and inserting or clearing entries while another thread reads it is a data race in C++. So:
+- every change goes through `KEYS` and takes `KEYS.lock` exclusively; every evaluation that rotates holds it shared;
+- the lock is writer-preferring: once a writer waits, new readers queue behind it, so a stream of evaluations cannot
+  starve a session that opens or closes (and readers never nest, so this cannot deadlock);
+- (coming with the sessions.py hook-up: rotation keys parsed outside the lock, only inserted under it);
+- OpenFHE's bindings can only clear *all* automorphism keys, so the registry remembers each tag's map (the first one
+  loaded wins: a client and a provider may share one process, as in tests and benchmarks), counts users per tag, and
+  re-inserts them all after every removal;
 """
 from __future__ import annotations
 
@@ -14,42 +20,51 @@ import openfhe as fhe
 
 from linalign_jax.errors import LinalignError
 
-class _SharedLock:
-    """Many readers (evaluations) or one writer (a change of the global key map) at a time."""
+
+class WriterPreferringLock:
+    """Many readers (evaluations) or one writer (a change of the global key map); waiting writers go first."""
 
     def __init__(self):
         self._cond = threading.Condition()
         self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
         with self._cond:
+            self._cond.wait_for(lambda: not self._writing and not self._writers_waiting)
             self._readers += 1
         try:
             yield
         finally:
             with self._cond:
                 self._readers -= 1
-                self._cond.notify_all()
+                if not self._readers:
+                    self._cond.notify_all()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         with self._cond:
-            self._cond.wait_for(lambda: self._readers == 0)
+            self._writers_waiting += 1
+            try:
+                self._cond.wait_for(lambda: not self._writing and not self._readers)
+            finally:
+                self._writers_waiting -= 1
+            self._writing = True
+        try:
             yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
 
 
 class _KeyRegistry:
-    """Rotation keys of live sessions in OpenFHE's process-global map, one entry per secret-key tag.
-
-    OpenFHE's Python bindings can only clear *all* automorphism keys and silently overwrite keys with the same tag on
-    deserialization, so the registry remembers each tag's key map (the first one loaded wins), re-inserts them all after
-    every change, and counts users per tag (a client and a provider may share one process, as in tests and benchmarks).
-    Changes take the lock exclusively and evaluations share it, so no evaluation sees the map half restored.
-    """
+    """Rotation keys of live sessions in OpenFHE's process-global map, one entry per secret-key tag."""
 
     def __init__(self):
-        self.lock = _SharedLock()
+        self.lock = WriterPreferringLock()
         self._maps: dict[str, Any] = {}
         self._users: dict[str, int] = {}
 
@@ -67,14 +82,16 @@ class _KeyRegistry:
                 self._restore(cc)
                 raise LinalignError(f"rotation keys carry foreign key tags {sorted(t[:12] for t in foreign)}; "
                                     f"expected only the session tag {key_tag[:12]}…")
-            self._register(cc, key_tag, tags)
+            self._register(cc, key_tag, cc.GetEvalAutomorphismKeyMap(key_tag) if key_tag in tags else None)
 
     def generate(self, cc: fhe.CryptoContext, secret_key: fhe.PrivateKey, rotations: Sequence[int]) -> None:
         """Generate rotation keys into the global map and register them (client side)."""
+        key_tag = secret_key.GetKeyTag()
         with self.lock.exclusive():
             if rotations:
                 cc.EvalRotateKeyGen(secret_key, list(rotations))
-            self._register(cc, secret_key.GetKeyTag(), set(cc.GetAllEvalAutomorphismKeys()))
+            key_map = cc.GetEvalAutomorphismKeyMap(key_tag) if rotations else None
+            self._register(cc, key_tag, key_map)
 
     def remove(self, cc: fhe.CryptoContext, key_tag: str) -> None:
         with self.lock.exclusive():
@@ -85,11 +102,17 @@ class _KeyRegistry:
                 del self._users[key_tag], self._maps[key_tag]
                 self._restore(cc)
 
-    def _register(self, cc: fhe.CryptoContext, key_tag: str, tags: set[str]) -> None:
+    def registered(self) -> int:
+        """How many key tags hold registered rotation keys (tests check that failed bundles add none)."""
+        with self.lock.shared():
+            return sum(m is not None for m in self._maps.values())
+
+    def _register(self, cc: fhe.CryptoContext, key_tag: str, key_map: Any) -> None:
         if key_tag not in self._maps:
-            self._maps[key_tag] = cc.GetEvalAutomorphismKeyMap(key_tag) if key_tag in tags else None
+            self._maps[key_tag] = key_map
+            if key_map is not None:
+                cc.InsertEvalAutomorphismKey(key_map, key_tag)
         self._users[key_tag] = self._users.get(key_tag, 0) + 1
-        self._restore(cc)
 
     def _restore(self, cc: fhe.CryptoContext) -> None:
         cc.ClearEvalAutomorphismKeys()

@@ -41,25 +41,17 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from linalign_jax.errors import LinalignError
+from linalign_jax.helix.frames import require  # the one typed-field validator (frames.py)
+from linalign_jax.helix.keys import KEYS
+from linalign_jax.helix.linear import VALUE_BUDGET_FRACTION, LinearLayout, LinearPlan, plan_layout, weight_scale
 from linalign_jax.helix.presets import get_preset
 from linalign_jax.helix.sessions import ClientSession, ProviderSession
-from linalign_jax.helix.linear import VALUE_BUDGET_FRACTION, LinearLayout, LinearPlan, plan_layout, weight_scale
 from linalign_jax.io_utils import Progress
 
 PROTOCOL_VERSION = 1
 BASE_HEAD = "base"
 MAX_QUERIES_PER_CALL = 64
 FLUSH_BELOW = 1e-9  # relative to the input bound; CKKS resolves about 1e-7 of it at ScalingModSize 40
-
-
-def require(fields: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    """A message field of the given type, or LinalignError naming it (booleans never pass as integers)."""
-    value = fields.get(name)
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if name not in fields or not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise LinalignError(f"message field {name!r} must be {' or '.join(k.__name__ for k in kinds)}, "
-                            f"got {value!r}")
-    return value
 
 
 # ------------------------------------------------------------------------------------------------------ provider
@@ -114,46 +106,6 @@ class PublicEmbeddings:
         return np.eye(self.Z.shape[1]) if rank == 0 else self.axes[:, :rank]
 
 
-class _KeyGuard:
-    """Readers-writer lock around OpenFHE's process-global rotation-key map: loading or dropping a session's keys
-    rebuilds that map, so it must not run while another session evaluates (which reads it)."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writing = False
-
-    def read(self):
-        return _Held(self, write=False)
-
-    def write(self):
-        return _Held(self, write=True)
-
-
-class _Held:
-    def __init__(self, guard: _KeyGuard, write: bool):
-        self.guard, self.write = guard, write
-
-    def __enter__(self):
-        g = self.guard
-        with g._cond:
-            if self.write:
-                g._cond.wait_for(lambda: not g._writing and g._readers == 0)
-                g._writing = True
-            else:
-                g._cond.wait_for(lambda: not g._writing)
-                g._readers += 1
-
-    def __exit__(self, *exc):
-        g = self.guard
-        with g._cond:
-            if self.write:
-                g._writing = False
-            else:
-                g._readers -= 1
-            g._cond.notify_all()
-
-
 @dataclasses.dataclass
 class _QueryState:
     session: ProviderSession
@@ -194,7 +146,6 @@ class ProviderCore:
         self._allowed = {} if preset is None else {"allowed_presets": (preset,)}
         self._plans: dict[str, LinearPlan] = {}
         self._plan_lock = threading.Lock()
-        self._keys = _KeyGuard()
         self._plan(BASE_HEAD)  # encode the base head now rather than inside the first client's call
 
     # -- public facts
@@ -232,13 +183,14 @@ class ProviderCore:
         else:
             rank = self._check_rank(require(fields, "rank", int))
             layout = plan_layout(self.fit_block, rank or self._base.dims[0], self.preset)
-        with self._keys.write():
-            session = ProviderSession.load(blobs[0], **self._allowed)
+        # No lock here: the key registry (keys.py) takes its own lock to change OpenFHE's global key map.
+        session = ProviderSession.load(blobs[0], **self._allowed)
         try:
             if session.layout_json != layout.to_json():
                 raise LinalignError(f"key bundle was made for layout {session.layout_json}, but this {purpose} "
                                     f"session needs {layout.to_json()}")
-            session.require_rotations(layout.rotation_indices())
+            with KEYS.lock.shared():
+                session.require_rotations(layout.rotation_indices())
         except LinalignError:
             self.release_session(session)
             raise
@@ -250,16 +202,14 @@ class ProviderCore:
         self.release_session(state.session)
 
     def release_session(self, session: ProviderSession) -> None:
-        with self._keys.write():
-            session.close()
+        session.close()
 
     def query(self, state: Any, fields: Mapping[str, Any], blobs: Sequence[bytes]) -> tuple[dict, list[bytes]]:
         if not isinstance(state, _QueryState):
             raise LinalignError("this session was opened for a fit, not for queries")
         if not 1 <= len(blobs) <= MAX_QUERIES_PER_CALL:
             raise LinalignError(f"a query call carries {len(blobs)} ciphertexts; expected 1..{MAX_QUERIES_PER_CALL}")
-        with self._keys.read():
-            return {"head": state.head}, [state.session.evaluate(state.plan, blob) for blob in blobs]
+        return {"head": state.head}, [state.session.evaluate(state.plan, blob) for blob in blobs]
 
     # -- secure fit
 
@@ -312,10 +262,9 @@ class ProviderCore:
                 if (block, j) in seen:
                     raise LinalignError(f"fit column {j} of block {block} was sent twice")
                 seen.add((block, j))
-                with self._keys.read():
-                    sums[j] = state.session.accumulate(plan, blob, sums.get(j))[0]
-                    if block == n_blocks - 1:  # the column is complete: sanitize it, drop the sum
-                        finished.append(state.session.finish(plan, sums.pop(j)))
+                sums[j] = state.session.accumulate(plan, blob, sums.get(j))[0]
+                if block == n_blocks - 1:  # the column is complete: sanitize it, drop the sum
+                    finished.append(state.session.finish(plan, sums.pop(j)))
             progress.update(len(blobs))
             if finished:
                 if len(seen) == n_blocks * columns:  # the last ciphertexts: the head exists before they are sent

@@ -15,7 +15,7 @@ import grpc
 
 from linalign_jax.errors import LinalignError
 from linalign_jax.serve import auth, wire
-from linalign_jax.serve.server import SERVICE
+from linalign_jax.serve.server import SERVICE, is_loopback
 
 
 class RemoteError(LinalignError):
@@ -34,8 +34,17 @@ class Reply:
 
 
 class ProviderClient:
+    """An authenticated channel to one provider. Without `tls_ca` it only talks to a loopback address unless
+    `allow_plaintext` (the bearer token would otherwise cross the network in the clear)."""
+
     def __init__(self, target: str, *, token: str, tls_ca: str | None = None, tls_server_name: str | None = None,
+                 allow_plaintext: bool = False, allow_insecure_preset_for_tests: bool = False,
                  max_message_bytes: int = 256 << 20, timeout_s: float = 120.0):
+        host = target.rsplit(":", 1)[0]
+        if not tls_ca and not allow_plaintext and not is_loopback(host):
+            raise LinalignError(f"refusing to send the bearer token to {target} without TLS: give --tls_ca (the "
+                                f"provider's certificate or CA), or --allow_plaintext on a trusted network")
+        self.tls, self.allow_insecure_preset = bool(tls_ca), allow_insecure_preset_for_tests
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         if tls_server_name:
@@ -75,20 +84,46 @@ class ProviderClient:
         return self._unary[method](request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
 
     def info(self) -> dict[str, Any]:
-        return self.call("Info", "info_request", expect="info").fields
+        """The provider's public facts; refuses a provider that asks for a CKKS preset below 128-bit security (a
+        malicious or misconfigured provider could otherwise make the client encrypt under a breakable ring)."""
+        from linalign_jax.helix import PRESETS
+
+        fields = self.call("Info", "info_request", expect="info").fields
+        preset = fields.get("preset")
+        if preset is not None and (preset not in PRESETS or not PRESETS[preset].secure) \
+                and not self.allow_insecure_preset:
+            raise RemoteError(None, f"provider at {self.target} asks for CKKS preset {preset!r}, which is not a "
+                                    f"128-bit preset; refusing to encrypt under it (tests: "
+                                    f"--allow_insecure_preset_for_tests)")
+        return fields
 
     def open_session(self, fields: Mapping[str, Any], blobs: Sequence[bytes]) -> "RemoteSession":
         reply = self.call("OpenSession", "open_session", fields, blobs, expect="session_opened")
         return RemoteSession(self, reply.fields["session"], reply.bytes_up + reply.bytes_down)
 
     def _remote_error(self, error: grpc.RpcError, method: str) -> RemoteError:
-        code, details = error.code(), error.details()
+        code, details = error.code(), error.details() or ""
         if code == grpc.StatusCode.UNAVAILABLE:
             return RemoteError(code, f"provider at {self.target} is unavailable during {method} (not running, "
-                                     f"unreachable, or it went away mid-call): {details}")
+                                     f"unreachable, or it went away mid-call): {details}{self._tls_hint(details)}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return RemoteError(code, f"provider at {self.target} did not answer {method} in time: {details}")
         return RemoteError(code, f"provider rejected {method} ({code.name}): {details}")
+
+
+    def _tls_hint(self, details: str) -> str:
+        """What to change when the failure looks like a TLS mismatch (gRPC itself only says 'Socket closed')."""
+        lowered = details.lower()
+        if "hostname" in lowered or "peer name" in lowered or "subject" in lowered:
+            return ("; hint: the provider's certificate does not name the address you dialled: pass "
+                    "--tls_server_name=<a name in the certificate>, or make the certificate with "
+                    "-addext 'subjectAltName=DNS:<host>,IP:127.0.0.1'")
+        if not self.tls and "socket closed" in lowered:
+            return "; hint: if the provider serves TLS, give --tls_ca=<its certificate>"
+        if self.tls and ("handshake" in lowered or "ssl" in lowered or "certificate" in lowered):
+            return ("; hint: TLS handshake failed: is --tls_ca the provider's certificate, and does the provider "
+                    "serve TLS at all?")
+        return ""
 
 
 class RemoteSession:
@@ -99,8 +134,12 @@ class RemoteSession:
         self._lease_call = client._lease(wire.encode("lease", {"session": session_id}),
                                          metadata=client._metadata)
         self._closing = False
+        self._leased = threading.Event()
         self._lease_thread = threading.Thread(target=self._hold_lease, name="helix-lease", daemon=True)
         self._lease_thread.start()
+        # The provider answers a lease with a heartbeat at once: from here on, if this process dies, the provider
+        # notices and frees the session (without the wait, a client killed right after opening leaves it to expire).
+        self._leased.wait(timeout=10.0)
 
     def __enter__(self) -> "RemoteSession":
         return self
@@ -160,9 +199,11 @@ class RemoteSession:
         """Drain heartbeats until we cancel or the provider ends the session; calls then report why themselves."""
         try:
             for _ in self._lease_call:
-                pass
+                self._leased.set()
         except grpc.RpcError:
             pass
+        finally:
+            self._leased.set()
 
 
 def _identity(data: bytes) -> bytes:

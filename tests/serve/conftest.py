@@ -1,7 +1,8 @@
 """A real provider process on localhost for the transport tests, with small synthetic artefacts.
 
 The provider runs `python -m experiments.helix_provider` exactly as a user would, on the test-only small ring
-(`--preset=insecure_n4096`, 2048 slots) so that a test takes seconds, not minutes.
+(`--preset=insecure_n4096 --allow_insecure_preset_for_tests`, 2048 slots) so that a test takes seconds, not minutes.
+Every test module here skips cleanly where OpenFHE is missing (the GPU image has none).
 """
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ class ProviderProcess:
     """`experiments.helix_provider` in a subprocess; its stderr goes to a log file the tests read."""
 
     def __init__(self, workdir: Path, **flags):
-        from experiments.helix_data import launch_provider
+        from linalign_jax.serve.launch import launch_provider
 
         name = secrets.token_hex(4)
         self.log = workdir / f"provider-{name}.log"
         self._log_file = open(self.log, "w")
         try:
-            self.proc, self.target = launch_provider({"port": 0, "preset": PRESET, **flags},
+            self.proc, self.target = launch_provider({"port": 0, "preset": PRESET,
+                                                      "allow_insecure_preset_for_tests": True, **flags},
                                                      workdir / f"port-{name}.json", timeout_s=120,
                                                      stderr=self._log_file)
         except Exception as e:
@@ -112,6 +114,7 @@ def client_for(artefacts):
 
     def make(proc, **options):
         options.setdefault("token", artefacts["token"])
+        options.setdefault("allow_insecure_preset_for_tests", True)
         made.append(ProviderClient(proc.target, **options))
         return made[-1]
 

@@ -1,0 +1,35 @@
+"""The validation sandbox contains the crashes the adversarial review found: the worker dies, the caller gets a
+LinalignError naming the signal, and the next job runs in a fresh worker."""
+import pytest
+
+pytest.importorskip("openfhe")
+
+from linalign_jax.errors import LinalignError  # noqa: E402
+from linalign_jax.helix import ClientSession, plan_layout  # noqa: E402
+from linalign_jax.helix.frames import KIND_BUNDLE, unframe  # noqa: E402
+from linalign_jax.helix.sandbox import Sandbox  # noqa: E402
+from tests.helix.conftest import TEST_PRESET  # noqa: E402
+
+
+def test_crashing_key_material_costs_one_job_not_the_caller():
+    layout = plan_layout(64, 6, preset=TEST_PRESET)
+    with ClientSession.create(layout, 1.0) as client:
+        header, payload = unframe(client.bundle(), KIND_BUNDLE)
+        a, b, _ = header["part_sizes"]
+        pk, rk = payload[a:a + b], payload[a + b:]
+        tag, rotations = client.key_tag, layout.rotation_indices()
+    sandbox = Sandbox()
+    try:
+        sandbox.check(layout.preset, rotations, tag, pk, rk)
+        abort = bytearray(rk)
+        abort[470:478] = b"\xff" * 8  # "modulus must be prime" -> std::terminate in the audit
+        with pytest.raises(LinalignError, match=r"validation sandbox was killed by signal 6 \(SIGABRT\); refused"):
+            sandbox.check(layout.preset, rotations, tag, pk, bytes(abort))
+        segv = bytearray(pk)
+        segv[600:1140] = bytes(540)  # a zeroed region of the public key -> SIGSEGV in Encrypt
+        with pytest.raises(LinalignError, match=r"killed by signal 11 \(SIGSEGV\)"):
+            sandbox.check(layout.preset, rotations, tag, bytes(segv), rk)
+        sandbox.check(layout.preset, rotations, tag, pk, rk)  # a fresh worker takes the next job
+        assert sandbox.crashes == 2
+    finally:
+        sandbox.close()
