@@ -26,7 +26,7 @@ from absl import app, flags
 
 from linalign_jax.helix import ClientSession, LinearPlan, ProviderSession, plan_layout
 from linalign_jax.helix.audit import (RawDecryptor, least_squares_head, logits_only_baseline, recovery_error,
-                                      _limbs)
+                                      serialized_limbs)
 from linalign_jax.helix.frames import KIND_QUERY, KIND_RESULT, unframe
 from linalign_jax.helix.presets import get_preset
 from linalign_jax.io_utils import atomic_write_json
@@ -167,7 +167,7 @@ def attack_c1(d: int, k: int, preset: str | None, rng: np.random.Generator) -> d
     provider = ProviderSession.load(client.bundle(), allowed_presets=(layout.preset,))
     try:
         blob = client.encrypt(rng.uniform(-1, 1, d))
-        c1s = [_limbs(_ciphertext(provider.evaluate(plan, blob), KIND_RESULT))[1][-1][1] for _ in range(2)]
+        c1s = [serialized_limbs(_ciphertext(provider.evaluate(plan, blob), KIND_RESULT))[1][-1][1] for _ in range(2)]
         same = float(np.mean(c1s[0] == c1s[1]))
         print(f"c1: the same query evaluated twice -> {same:.1%} of the result's c1 coefficients identical "
               f"({'deterministic: c1 is a function of the query and the weights' if same > 0.5 else 'fresh'})")

@@ -16,7 +16,7 @@ import numpy as np
 import openfhe as fhe
 
 
-def _limbs(obj: Any) -> tuple[dict, list[tuple[int, np.ndarray]]]:
+def serialized_limbs(obj: Any) -> tuple[dict, list[tuple[int, np.ndarray]]]:
     """(JSON tree, [(modulus, evaluation-form limb as object ints)]) of a serialized OpenFHE object."""
     text = fhe.Serialize(obj, fhe.JSON)
     tree = json.loads(text if isinstance(text, str) else text.decode())
@@ -102,12 +102,12 @@ class RawDecryptor:
         OpenFHE's own scale field is not maintained under FIXEDMANUAL). None: read the scale OpenFHE serializes
         (right for FLEXIBLEAUTO contexts, e.g. the engine before sanitization)."""
         self.cc, self.n, self.base_scale = cc, cc.GetRingDimension(), base_scale
-        self._sk = dict(_limbs(keys.secretKey)[1])
+        self._sk = dict(serialized_limbs(keys.secretKey)[1])
         self._slot_map = self._calibrate(keys.publicKey)
 
     def coefficients(self, ct: fhe.Ciphertext) -> tuple[np.ndarray, float]:
         """(centred integer coefficients of c0 + c1·s mod Q as object ints, its scale (scaling factor to the power of its degree))."""
-        tree, limbs = _limbs(ct)
+        tree, limbs = serialized_limbs(ct)
         if self.base_scale is None:
             data = tree["value0"]["ptr_wrapper"]["data"]
             scale = float(data["s"]) ** int(data["d"])
