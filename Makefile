@@ -40,7 +40,8 @@ demo-helix: venv
 bench: venv oracle
 	mkdir -p runs/bench
 	$(PY) -m experiments.bench_helix --d=4096 --k=20 --json_out=runs/bench/helix_d4096_k20.json
-	$(PY) -m experiments.bench_ridge --out=runs/bench/ridge.json
+	$(PY) -m experiments.bench_ridge --json_out=runs/bench/ridge.json
+	$(PY) -m experiments.bench_generate --batch=8 --new_tokens=32 --json_out=runs/bench/generate.json
 	$(PY) -m experiments.bench_extract --model=all-MiniLM-L6-v2 --json_out=runs/bench/extract_minilm.json
 
 # Mutation fuzzing of a real provider process (target: 0 crashes, the good session always answered).

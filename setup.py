@@ -20,6 +20,7 @@ setup(
         "gguf>=0.10",
         "datasets>=3.0",
         "matplotlib>=3.8",
+        "jinja2>=3.1",  # chat templates (tokenizer_config.json / GGUF tokenizer.chat_template), as transformers renders them
         "grpcio>=1.60",
         # OpenFHE's PyPI wheels hold one CPython each; only the 22.04 (cp310) build imports on glibc < 2.38.
         "openfhe==1.6.1.0.22.4; python_version == '3.10'",

@@ -1,102 +1,193 @@
-"""Decode speed of hybrid decoding (source body → map → target head, with re-encoding) vs the native target, in one run.
+"""Batched decode speed in one run: native JAX vs HF transformers `generate`, and hybrid vs native.
 
-    python -m experiments.bench_generate --out=runs/bench_generate.json
+    python -m experiments.bench_generate --batch=8 --new_tokens=32 --json_out=runs/bench_generate.json
 
-Every mode generates exactly --new_tokens tokens (EOS ignored) greedily from the same prompts after a warm-up run
-that compiles every shape. Reported: decode tokens/s of the loop (prefill excluded) and end to end (prefill + decode),
-wall and CPU; median over --repeats. Target: hybrid ≥ 0.5× the native target's decode tokens/s. The markdown table
-is printed last; the JSON holds every measurement.
+* native: `generate_batch(--model)` on --batch prompts at once, greedy, exactly --new_tokens tokens (EOS ignored);
+* torch: transformers' `generate` on the same model directory, the same left-padded token ids and mask, greedy,
+  `min_new_tokens = max_new_tokens` (run in --torch_python, the oracle venv on CPU; same thread count);
+* hybrid: `HybridPair(--source_model body → --model head).generate_batch` on the same prompts (the map is read
+  from --map_dir or fitted on --fit_texts public texts: speed does not need a good one).
+Rates are generated tokens per second end to end (prefill included, as `generate` reports it), wall and CPU, median
+of --repeats after one warm-up run that compiles every shape. Targets: native ≥ 1.0× torch, hybrid ≥ 0.5× native.
+JSON keys: native_tokens_per_s, hybrid_tokens_per_s, torch_tokens_per_s, batch, ratios, the CPU-time rates,
+token agreement of native vs torch, load averages and every timing. The markdown table is printed last.
 """
 from __future__ import annotations
 
+import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
-import time
+import tempfile
+from pathlib import Path
 
-import jax
 from absl import app, flags
 
+from experiments.bench_common import hf_directory, load_average, restrict_cpu_threads, timed
 from linalign_jax.errors import LinalignError, exit_on_bad_input
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("source_model", "SmolLM2-135M-Instruct", "body model of the hybrid")
-flags.DEFINE_string("target_model", "gemma-3-270m", "head model of the hybrid, and the native baseline")
-flags.DEFINE_string("map_dir", "", "a saved source → target map; '' fits one on --fit_texts public texts")
-flags.DEFINE_integer("fit_texts", 200, "public texts for the map when --map_dir is empty (speed does not need more)")
-flags.DEFINE_multi_string("prompt", ["The capital of France is", "Once upon a time, in a small village by the sea,"],
-                          "prompts (repeatable)")
-flags.DEFINE_integer("new_tokens", 32, "tokens generated per run")
-flags.DEFINE_integer("repeats", 3, "timed runs per prompt and mode")
+flags.DEFINE_string("model", "SmolLM2-135M-Instruct", "the native model, the torch baseline and the hybrid's head")
+flags.DEFINE_string("source_model", "gemma-3-270m", "the hybrid's body ('' skips the hybrid)")
+flags.DEFINE_string("map_dir", "", "a saved source → model map; '' fits one on --fit_texts public texts")
+flags.DEFINE_integer("fit_texts", 100, "public texts for the map when --map_dir is empty")
+flags.DEFINE_integer("batch", 8, "prompts decoded together")
+flags.DEFINE_integer("new_tokens", 32, "tokens generated per prompt")
+flags.DEFINE_integer("repeats", 3, "timed runs per side (median)")
+flags.DEFINE_integer("threads", 1, "CPU threads for each side (0 = leave both libraries' defaults)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model dtype")
-flags.DEFINE_string("out", "runs/bench_generate.json", "JSON output path")
+flags.DEFINE_string("torch_python", "", "interpreter with torch + transformers ('' = .venv-oracle next to the "
+                    "package, else skip the torch side)")
+flags.DEFINE_string("json_out", "runs/bench_generate.json", "JSON output path")
 
-TARGET_RATIO = 0.5
+PROMPTS = ("The capital of France is", "Once upon a time, in a small village by the sea,", "Water boils at",
+           "A list of fruits: apple,", "In 1492, Columbus", "The best way to learn a new language is",
+           "def fibonacci(n):", "My favourite colour is", "Photosynthesis is the process by which",
+           "The three primary colours are")
+NATIVE_VS_TORCH_TARGET, HYBRID_VS_NATIVE_TARGET = 1.0, 0.5
 
 
-def _time(run) -> dict:
-    start, cpu = time.perf_counter(), time.process_time()
-    result = run()
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    steps = result.stats["steps"]
-    return {"steps": steps, "decode_tok_s": steps / result.stats["decode_seconds"],
-            "decode_cpu_tok_s": steps / result.stats["decode_cpu_seconds"], "e2e_tok_s": steps / wall,
-            "e2e_cpu_tok_s": steps / cpu, "wall_s": wall, "cpu_s": cpu, "rollbacks": result.stats.get("rollbacks", 0)}
+def prompts(batch: int) -> list:
+    return [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+
+
+def torch_python() -> str:
+    if FLAGS.torch_python:
+        return FLAGS.torch_python
+    oracle = Path(__file__).resolve().parents[1] / ".venv-oracle" / "bin" / "python"
+    for candidate in (oracle, Path("/work/main/.venv-oracle/bin/python")):
+        if candidate.exists():
+            return str(candidate)
+    return ""
+
+
+def run_torch(model_dir: Path, ids, mask) -> dict:
+    """The torch side in its own interpreter (bench_generate_torch.py), on exactly these ids."""
+    import numpy as np
+
+    python = torch_python()
+    if not python:
+        return {"skipped": "no interpreter with torch (--torch_python)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/ids.npy", ids)
+        np.save(f"{tmp}/mask.npy", mask)
+        spec = {"model_dir": str(model_dir), "random_llama": None, "ids": f"{tmp}/ids.npy", "mask": f"{tmp}/mask.npy",
+                "new_tokens": FLAGS.new_tokens, "repeats": FLAGS.repeats, "warmup": 1, "dtype": FLAGS.dtype,
+                "threads": FLAGS.threads}
+        env = {**os.environ, "OMP_NUM_THREADS": str(FLAGS.threads)} if FLAGS.threads > 0 else None
+        script = Path(__file__).with_name("bench_generate_torch.py")
+        done = subprocess.run([python, str(script), json.dumps(spec)], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise LinalignError(f"torch side failed ({python}): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def padded_ids(model, texts):
+    """Left-padded ids and mask [batch, width] of `texts` under `model`'s tokenizer (what generate_batch feeds)."""
+    import numpy as np
+
+    encoded = [model.tokenizer.encode(t, add_special_tokens=True).ids for t in texts]
+    width = max(map(len, encoded))
+    ids = np.full((len(texts), width), model.pad_token_id, np.int32)
+    mask = np.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e):], mask[i, width - len(e):] = e, 1
+    return ids, mask
+
+
+def rates(timing: dict, tokens: int) -> dict:
+    return {**timing, "tokens_per_s": tokens / timing["median_seconds"],
+            "cpu_tokens_per_s": tokens / timing["median_cpu_seconds"]}
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.threads > 0:
+        restrict_cpu_threads(FLAGS.threads)
+    import jax
+
     from linalign_jax.data import load_texts
-    from linalign_jax.generate import HybridPair, generate
+    from linalign_jax.generate import HybridPair, generate_batch
     from linalign_jax.generate.hybrid import load_pair_map
     from linalign_jax.generate.token_map import fit_token_map
     from linalign_jax.io_utils import atomic_write_json
     from linalign_jax.models import load_model
 
     with exit_on_bad_input():
-        if FLAGS.new_tokens < 1 or FLAGS.repeats < 1:
-            raise LinalignError(f"--new_tokens and --repeats must be >= 1, got {FLAGS.new_tokens}, {FLAGS.repeats}")
-        source = load_model(FLAGS.source_model, dtype=FLAGS.dtype)
-        target = load_model(FLAGS.target_model, dtype=FLAGS.dtype)
-        if FLAGS.map_dir:
-            affine, _ = load_pair_map(FLAGS.map_dir, source, target)
-        else:
-            affine, _ = fit_token_map(source, target, load_texts("public", limit=FLAGS.fit_texts))
-        pair = HybridPair(source, target, affine)
+        if FLAGS.new_tokens < 1 or FLAGS.repeats < 1 or FLAGS.batch < 1:
+            raise LinalignError(f"--batch, --new_tokens and --repeats must be >= 1, got {FLAGS.batch}, "
+                                f"{FLAGS.new_tokens}, {FLAGS.repeats}")
+        texts = prompts(FLAGS.batch)
+        tokens = FLAGS.batch * FLAGS.new_tokens
+        model = load_model(FLAGS.model, dtype=FLAGS.dtype)
+        loads = {"start": load_average()}
 
-    modes = {
-        "native target": lambda p: generate(target, p, max_new_tokens=FLAGS.new_tokens, eos_ids=()),
-        "hybrid": lambda p: pair.generate(p, max_new_tokens=FLAGS.new_tokens, eos_ids=()),
-        "native source": lambda p: generate(source, p, max_new_tokens=FLAGS.new_tokens, eos_ids=()),
-    }
-    runs = {mode: [] for mode in modes}
-    for prompt in FLAGS.prompt:
-        for mode, run in modes.items():
-            run(prompt)  # warm-up: compiles this prompt's shapes
-            for _ in range(FLAGS.repeats):
-                runs[mode].append(_time(lambda: run(prompt)))
-            print(f"{mode} {prompt[:30]!r}: {runs[mode][-1]['decode_tok_s']:.2f} tok/s", file=sys.stderr, flush=True)
+        def native():
+            return generate_batch(model, texts, max_new_tokens=FLAGS.new_tokens, eos_ids=(), batch_size=FLAGS.batch)
 
-    summary = {mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for mode, rs in runs.items()}
-    ratio = summary["hybrid"]["decode_tok_s"] / summary["native target"]["decode_tok_s"]
-    cpu_ratio = summary["hybrid"]["decode_cpu_tok_s"] / summary["native target"]["decode_cpu_tok_s"]
-    report = {
-        "source": source.spec, "target": target.spec, "dtype": FLAGS.dtype, "new_tokens": FLAGS.new_tokens,
-        "repeats": FLAGS.repeats, "prompts": FLAGS.prompt, "runs": runs, "median": summary,
-        "hybrid_vs_native_decode": ratio, "hybrid_vs_native_decode_cpu": cpu_ratio, "target_ratio": TARGET_RATIO,
-        "met": ratio >= TARGET_RATIO, "devices": [str(d) for d in jax.devices()], "machine": platform.platform(),
-    }
-    atomic_write_json(FLAGS.out, report)
-    print(f"\n{source.spec} body → {target.spec} head; {FLAGS.new_tokens} new tokens, median of "
-          f"{FLAGS.repeats} × {len(FLAGS.prompt)} prompts, {jax.devices()[0].platform}, {FLAGS.dtype}\n")
-    print("| mode | decode tok/s (wall) | decode tok/s (CPU) | end-to-end tok/s (wall) | rollbacks / run |")
-    print("|---|---|---|---|---|")
-    for mode, s in summary.items():
-        print(f"| {mode} | {s['decode_tok_s']:.2f} | {s['decode_cpu_tok_s']:.2f} | {s['e2e_tok_s']:.2f} | "
-              f"{s['rollbacks']:.0f} |")
-    print(f"| **hybrid / native target** | **{ratio:.2f}×** (target ≥ {TARGET_RATIO}×: "
-          f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}) | {cpu_ratio:.2f}× | | |")
+        ours = native()  # warm-up: compiles every shape
+        agreement = None
+        result = {"native": rates(timed(native, FLAGS.repeats), tokens)}
+        loads["native"] = load_average()
+        ids, mask = padded_ids(model, texts)
+        result["torch"] = run_torch(hf_directory(FLAGS.model), ids, mask)
+        loads["torch"] = load_average()
+        if "seconds" in result["torch"]:
+            torch_side = result["torch"]
+            theirs = torch_side.pop("new_ids")
+            result["torch"] = rates({**torch_side, "median_seconds": statistics.median(torch_side["seconds"]),
+                                     "median_cpu_seconds": statistics.median(torch_side["cpu_seconds"])}, tokens)
+            agreement = sum(a == b for r, t in zip(ours, theirs) for a, b in zip(r.token_ids, t)) / tokens
+        if FLAGS.source_model:
+            source = load_model(FLAGS.source_model, dtype=FLAGS.dtype)
+            if FLAGS.map_dir:
+                affine, _ = load_pair_map(FLAGS.map_dir, source, model)
+            else:
+                affine, _ = fit_token_map(source, model, load_texts("public", limit=FLAGS.fit_texts))
+            pair = HybridPair(source, model, affine)
+
+            def hybrid():
+                return pair.generate_batch(texts, max_new_tokens=FLAGS.new_tokens, eos_ids=(), batch_size=FLAGS.batch)
+
+            rollbacks = sum(r.stats["rollbacks"] for r in hybrid())
+            result["hybrid"] = {**rates(timed(hybrid, FLAGS.repeats), tokens), "rollbacks_per_run": rollbacks}
+            loads["hybrid"] = load_average()
+
+    report = {"model": FLAGS.model, "source_model": FLAGS.source_model, "batch": FLAGS.batch,
+              "new_tokens": FLAGS.new_tokens, "repeats": FLAGS.repeats, "threads": FLAGS.threads, "dtype": FLAGS.dtype,
+              "prompts": texts, "sides": result, "load_average": loads,
+              "native_tokens_per_s": result["native"]["tokens_per_s"],
+              "torch_tokens_per_s": result["torch"].get("tokens_per_s"),
+              "hybrid_tokens_per_s": result.get("hybrid", {}).get("tokens_per_s"),
+              "native_vs_torch_token_agreement": agreement, "devices": [str(d) for d in jax.devices()], "machine": platform.platform(),
+              "targets": {"native_vs_torch": NATIVE_VS_TORCH_TARGET, "hybrid_vs_native": HYBRID_VS_NATIVE_TARGET}}
+    for name, (a, b) in {"native_vs_torch": ("native", "torch"), "hybrid_vs_native": ("hybrid", "native")}.items():
+        if "tokens_per_s" in result.get(a, {}) and "tokens_per_s" in result.get(b, {}):
+            report[name] = result[a]["tokens_per_s"] / result[b]["tokens_per_s"]
+            report[name + "_cpu"] = result[a]["cpu_tokens_per_s"] / result[b]["cpu_tokens_per_s"]
+    atomic_write_json(FLAGS.json_out, report)
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    sides = report["sides"]
+    lines = [f"\n{report['model']}, batch {report['batch']} × {report['new_tokens']} new tokens, greedy, "
+             f"{report['threads']} thread(s), {report['dtype']}; load average {report['load_average']}\n",
+             "| side | tokens/s (wall) | tokens/s (CPU) |", "|---|---|---|"]
+    for name in ("native", "torch", "hybrid"):
+        if "tokens_per_s" in sides.get(name, {}):
+            lines.append(f"| {name} | {sides[name]['tokens_per_s']:.1f} | {sides[name]['cpu_tokens_per_s']:.1f} |")
+    for name, target in report["targets"].items():
+        if name in report:
+            verdict = "met" if report[name] >= target else "NOT met"
+            lines.append(f"| **{name}** | **{report[name]:.2f}×** (target ≥ {target}×: {verdict}) | "
+                         f"{report[name + '_cpu']:.2f}× |")
+    if report["native_vs_torch_token_agreement"] is not None:
+        lines.append(f"\nnative vs torch greedy token agreement: {report['native_vs_torch_token_agreement']:.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

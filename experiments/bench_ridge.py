@@ -1,6 +1,6 @@
 """Benchmark: ridge map fit, N × d_in → d_out (default 100k × 1024 → 1024), ours vs numpy normal equations.
 
-    python -m experiments.bench_ridge [--n=100000 --d_in=1024 --d_out=1024 --repeats=3 --out=bench_ridge.json]
+    python -m experiments.bench_ridge [--n=100000 --d_in=1024 --d_out=1024 --repeats=3 --json_out=bench_ridge.json]
 
 Rows timed in the same process on the same data:
   numpy-f64     reference: centre in float64, W = solve(XᵀX + λI, XᵀY) with numpy (BLAS threads as configured by
@@ -9,6 +9,9 @@ Rows timed in the same process on the same data:
                 its own thread pool), float64 host accumulation and eigen-solve
   ours-f64      streamed statistics in host float64 (exact path)
   ours-f32-gcv  ours-f32-xla with λ chosen by GCV over 41 values (one eigendecomposition)
+  ours-f32-stats the statistics alone (accumulate_stats, float32): the compute-bound part, 2·N·d_in·(d_in + d_out)
+                FLOPs, set against `peak_tflops`, the best plain float32 n × n matmul (--peak_size) measured in the same
+                run on the same device: `fraction_of_peak` (target ≥ 70% on CPU).
 Each row reports the best wall time over repeats, its process CPU time, the speed-up over numpy-f64, and the
 relative Frobenius error of W against numpy-f64 (target ≤ 1e-5). Prints a markdown table last and writes JSON.
 """
@@ -21,6 +24,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from experiments.bench_common import measured_peak_tflops
 from linalign_jax.align.ridge import accumulate_stats, iterate_batches, solve_ridge
 from linalign_jax.io_utils import atomic_write_json
 
@@ -31,7 +35,11 @@ flags.DEFINE_integer("d_out", 1024, "target dim")
 flags.DEFINE_integer("batch_size", 8192, "rows per streamed batch")
 flags.DEFINE_float("ridge_lambda", 1.0, "λ for the fixed-λ rows")
 flags.DEFINE_integer("repeats", 3, "timed repeats per row (best is reported)")
-flags.DEFINE_string("out", "bench_ridge.json", "JSON output path")
+flags.DEFINE_integer("peak_size", 0, "n of the float32 n x n matmuls that measure the peak (0 = 2048 on CPU, "
+                     "8192 on GPU)")
+flags.DEFINE_string("json_out", "bench_ridge.json", "JSON output path")
+
+TARGET_FRACTION_OF_PEAK = 0.7
 
 
 def make_data(n: int, d_in: int, d_out: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -87,20 +95,34 @@ def main(argv):
             row["rel_err_W"] = float(np.linalg.norm(W - W_ref) / np.linalg.norm(W_ref))
             row["rel_err_b"] = float(np.linalg.norm(b - b_ref) / np.linalg.norm(b_ref))
         rows.append(row)
+    wall, cpu, _ = timed(lambda: accumulate_stats(iterate_batches(x, y, FLAGS.batch_size), precision="float32"),
+                         FLAGS.repeats)
+    flops = 2.0 * FLAGS.n * FLAGS.d_in * (FLAGS.d_in + FLAGS.d_out)
+    peak = measured_peak_tflops("float32", FLAGS.peak_size)
+    stats_row = {"method": "ours-f32-stats", "wall_s": wall, "cpu_s": cpu, "speedup": ref_wall / wall,
+                 "tflops": flops / wall / 1e12}
+    rows.append(stats_row)
     env = {"n": FLAGS.n, "d_in": FLAGS.d_in, "d_out": FLAGS.d_out, "batch_size": FLAGS.batch_size, "lambda": lam,
            "repeats": FLAGS.repeats, "cpu_count": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
            "jax": jax.__version__, "numpy": np.__version__, "devices": [str(d) for d in jax.devices()],
            "machine": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "load_avg_1m": os.getloadavg()[0]}
-    atomic_write_json(FLAGS.out, {"env": env, "rows": rows})
+    fraction = stats_row["tflops"] / peak
+    atomic_write_json(FLAGS.json_out, {"env": env, "rows": rows, "stats_tflops": stats_row["tflops"],
+                                       "peak_tflops": peak, "fraction_of_peak": fraction,
+                                       "target_fraction_of_peak": TARGET_FRACTION_OF_PEAK})
     print(f"\nridge fit {FLAGS.n} × {FLAGS.d_in} → {FLAGS.d_out}, λ={lam}, best of {FLAGS.repeats}; "
           f"load avg {env['load_avg_1m']:.1f} on {env['cpu_count']} cores; OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")
     print("\n| method | wall s | CPU s | speed-up vs numpy-f64 | rel. err W | rel. err b |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        err = lambda k: f"{r[k]:.2e}" if k in r else "– (GCV λ={:.3g})".format(r["lambda"])
+        err = lambda k: (f"{r[k]:.2e}" if k in r else "– (GCV λ={:.3g})".format(r["lambda"]) if "lambda" in r  # noqa: E731
+                         else "–")
         print(f"| {r['method']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['speedup']:.2f}× | {err('rel_err_W')} | "
               f"{err('rel_err_b')} |")
+    verdict = "met" if fraction >= TARGET_FRACTION_OF_PEAK else "NOT met"
+    print(f"\nstatistics {stats_row['tflops']:.3f} TFLOP/s vs float32 matmul peak {peak:.3f} TFLOP/s measured in this "
+          f"run: **{fraction:.1%} of peak** (target ≥ {TARGET_FRACTION_OF_PEAK:.0%}: {verdict})")
 
 
 if __name__ == "__main__":

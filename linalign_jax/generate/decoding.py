@@ -342,14 +342,15 @@ def generate_batch(model: LoadedModel, prompts: Sequence[str], *, max_new_tokens
                    sampling: SamplingConfig = SamplingConfig(), key: Optional[jax.Array] = None,
                    stop_strings: Sequence[str] = (), stop_at: Optional[StopAt] = None,
                    eos_ids: Optional[Sequence[int]] = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                   record_logits: bool = False) -> List[GenerationResult]:
+                   record_logits: bool = False, add_special_tokens: bool = True) -> List[GenerationResult]:
     """Continue every prompt with the model itself (the native baseline hybrid decoding is compared to),
-    `batch_size` prompts at a time."""
+    `batch_size` prompts at a time. add_special_tokens=False for prompts that already hold them (a rendered chat
+    template); stop_at(continuation) -> cut index or -1 ends a row early (e.g. `protocol.answer_stop`)."""
     check_decoder(model)
     prompts = check_prompts(prompts)
     check_max_new_tokens(max_new_tokens)
     check_decode_options(sampling, key, stop_strings, batch_size)
-    ids = [model.tokenizer.encode(p, add_special_tokens=True).ids for p in prompts]
+    ids = [model.tokenizer.encode(p, add_special_tokens=add_special_tokens).ids for p in prompts]
     byte_table = tokenizer_compat.token_byte_table(model.tokenizer, model.config.vocab_size)
     eos = set(default_eos_ids(model.tokenizer) if eos_ids is None else eos_ids)
 

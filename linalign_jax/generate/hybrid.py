@@ -36,8 +36,9 @@ class HybridRows:
     # cache is compacted (same shape), so this only sets how often.
     SLACK = 1.25
 
-    def __init__(self, source: LoadedModel, prompts: Sequence[str], batch_size: int, max_new_tokens: int):
-        self.feeds = [tokenizer_compat.SourceTokenFeed(source.tokenizer) for _ in prompts]
+    def __init__(self, source: LoadedModel, prompts: Sequence[str], batch_size: int, max_new_tokens: int,
+                 add_special_tokens: bool = True):
+        self.feeds = [tokenizer_compat.SourceTokenFeed(source.tokenizer, add_special_tokens) for _ in prompts]
         ids = [feed.update(prompt)[1] for feed, prompt in zip(self.feeds, prompts)]
         capacity = bucket(max(map(len, ids))) + int(self.SLACK * max_new_tokens) + 1
         self.rows = CacheRows(source, batch_size, capacity)
@@ -90,7 +91,7 @@ class HybridPair:
                        sampling: SamplingConfig = SamplingConfig(), key: Optional[jax.Array] = None,
                        stop_strings: Sequence[str] = (), stop_at: Optional[StopAt] = None,
                        eos_ids: Optional[Sequence[int]] = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                       record_logits: bool = False) -> List[GenerationResult]:
+                       record_logits: bool = False, add_special_tokens: bool = True) -> List[GenerationResult]:
         """Hybrid continuations of every prompt, `batch_size` at a time (see `decoding.generate_batch`)."""
         prompts = check_prompts(prompts)
         check_max_new_tokens(max_new_tokens)
@@ -99,7 +100,7 @@ class HybridPair:
         lengths = [len(p) for p in prompts]  # characters: sorting only needs to group similar lengths
 
         def decode_batch(chunk, keys):
-            body = HybridRows(self.source, [prompts[i] for i in chunk], len(keys), max_new_tokens)
+            body = HybridRows(self.source, [prompts[i] for i in chunk], len(keys), max_new_tokens, add_special_tokens)
             return decode_rows(body, self.target, [prompts[i] for i in chunk], keys, max_new_tokens=max_new_tokens,
                                sampling=sampling, stop_strings=stop_strings, stop_at=stop_at, eos=eos,
                                affine=self.affine, byte_table=self.byte_table, continuation=self.continuation,
