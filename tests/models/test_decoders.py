@@ -6,6 +6,9 @@ Cases under fixtures/families/ commit no weights: their checkpoints are rebuilt 
 names transformers saved, in the causal-LM layout and in the base-model layout (AutoModel: no `model.`, no head).
 """
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -217,3 +220,16 @@ def test_wrong_family_for_checkpoint(tmp_path):
     config.write_text(json.dumps({**json.loads(config.read_text()), "model_type": "llama"}))
     with pytest.raises(LinalignError, match="no rule maps.*bias"):
         load_model(str(tmp_path))
+
+
+def test_experts_sharded_over_the_model_axis_match_transformers():
+    """4 CPU devices in a subprocess; qwen3_moe's 4 experts one per device (distributed.TRANSFORMER_RULES)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env.update(JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("sharded_moe_worker.py"))], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 4 and result["expert_shard"] == [2, 1, 16, 8]  # [L, E/4, d, f]
+    assert result["error"] <= TOL
