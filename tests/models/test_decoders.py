@@ -127,23 +127,35 @@ def test_matches_transformers(case, side):
     np.testing.assert_allclose(layers[:, real], expected[f"{side}_hidden_states"][:, real], atol=TOL, rtol=0)
 
 
+LONGROPE_SKIP = ("longrope switches every position to its long factors once the sequence passes the pre-training "
+                 "length, so a cache prefilled with the short ones differs from the full pass (as in transformers)")
+
+
+def cache_is_exact(model, length: int) -> bool:
+    rope = model.config.rope
+    return not (rope.kind == "longrope" and length > rope.original_max_position_embeddings)
+
+
+def incremental_logits(model, ids, mask, prefill: int = 5):
+    """Prefill `prefill` tokens, then one token per `extend` step -> (logits of every position, final cache)."""
+    cache = model.init_cache(ids.shape[0], ids.shape[1] + 3)
+    out, cache = model.extend(model.params, ids[:, :prefill], mask[:, :prefill], cache)
+    steps = [out.last_hidden_state]
+    for t in range(prefill, ids.shape[1]):
+        out, cache = model.extend(model.params, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+        steps.append(out.last_hidden_state)
+    return np.asarray(model.lm_head(model.params, jnp.concatenate(steps, axis=1))), cache
+
+
 def test_incremental_decoding_matches_full_forward(case):
     """Prefill 5 tokens, then extend one token at a time: every step's logits equal the full pass (left padding)."""
     name, model, expected = case
     ids = jnp.asarray(expected["left_input_ids"], jnp.int32)
     mask = jnp.asarray(expected["left_attention_mask"], jnp.int32)
-    rope = model.config.rope
-    if rope.kind == "longrope" and ids.shape[1] > rope.original_max_position_embeddings:
-        pytest.skip("longrope switches every position to its long factors once the sequence passes the pre-training "
-                    "length, so a cache prefilled with the short ones differs from the full pass (as in transformers)")
+    if not cache_is_exact(model, ids.shape[1]):
+        pytest.skip(LONGROPE_SKIP)
     full = np.asarray(model.lm_head(model.params, model.forward(model.params, ids, mask, True).last_hidden_state))
-    cache = model.init_cache(ids.shape[0], ids.shape[1] + 3)
-    out, cache = model.extend(model.params, ids[:, :5], mask[:, :5], cache)
-    steps = [out.last_hidden_state]
-    for t in range(5, ids.shape[1]):
-        out, cache = model.extend(model.params, ids[:, t:t + 1], mask[:, t:t + 1], cache)
-        steps.append(out.last_hidden_state)
-    incremental = np.asarray(model.lm_head(model.params, jnp.concatenate(steps, axis=1)))
+    incremental, cache = incremental_logits(model, ids, mask)
     real = expected["left_attention_mask"].astype(bool)
     np.testing.assert_allclose(incremental[real], full[real], atol=TOL, rtol=0)
     assert int(cache.length) == ids.shape[1]
