@@ -22,11 +22,14 @@ results.json keys:
     setting_ids    the settings in run order (JSON objects are written with sorted keys)
     settings       {setting_id: {"setting", "shots", "per_seed": [record...], "mean": {...}, "std": {...}}} with
                    setting_id in native | task_map | public | public+id@k | few_shot@k (k = --shots) and
-                   record = {"seed", "accuracy", "energy_auroc", "msp_auroc", "energy_fpr95", "msp_fpr95"
-                   (when --ood_data), "map": {"r2", "cosine", "top1", "top5", "lambda", "rank", "map_rows"}
-                   (mapped settings), "head_rows" (few_shot)}; mean/std (ddof=1) over seeds of each number
-    similarity     source vs target on the task test rows: linear_cka, linear_cka_debiased, rbf_cka, svcca64,
-                   mutual_knn (+ mutual_knn_z)
+                   record = {"seed", "accuracy", "{energy,msp,knn,mahalanobis}_{auroc,fpr95}" (when --ood_data;
+                   knn / mahalanobis: feature-space detectors, linalign_jax.evaluate.ood), "map": {"r2", "cosine",
+                   "top1", "top5", "lambda", "rank", "map_rows", "effective_rank", "stable_rank", "r2_dim_median"},
+                   "map_diagnostics": {"singular_values", "r2_per_dim"} (mapped settings), "head_rows"
+                   (few_shot)}; mean/std (ddof=1) over seeds of each number
+    similarity     source vs target on the task test rows: SIMILARITY_MEASURES (linear/debiased/RBF CKA, SVCCA-64,
+                   mutual/cycle/LCS kNN, CKNNA, Procrustes and CCA-64 angular distances, RSA), each permutation-
+                   tested measure with its "<measure>_z"
     timing         {"extract_s", "evaluate_s", "total_s", "cpu_s"}; "extract" lists each feature set's cache status
     complete       true (only ever written in a finished file)
 """
@@ -99,6 +102,11 @@ def extract_all(spec: str, sets: dict, cfg: dict) -> tuple[dict, dict]:
         feats[name] = fs.array
         status[name] = {"cache": fs.metadata.get("cache"), "seconds": fs.metadata.get("seconds")}
     return feats, {**embedder.info(), "extract": status}
+
+
+# source vs target on the test rows (definitions: linalign_jax.similarity); the shape distances are in radians
+SIMILARITY_MEASURES = ("linear_cka", "linear_cka_debiased", "rbf_cka", "svcca64", "mutual_knn", "cknna", "cycle_knn",
+                       "lcs_knn", "procrustes_angle", "cca_angle64", "rsa_spearman")
 
 
 def map_config_from(cfg: dict):
@@ -178,9 +186,7 @@ def _run_into(out_dir: Path, cfg: dict, command: str) -> dict:
     results = {
         "command": command, "config": cfg, "models": {"source": src_info, "target": tgt_info}, "data": data_info,
         "setting_ids": ids, "settings": settings,
-        "similarity": similarity(src["test"], tgt["test"],
-                                 ("linear_cka", "linear_cka_debiased", "rbf_cka", "svcca64", "mutual_knn"),
-                                 knn_k=cfg["knn_k"]),
+        "similarity": similarity(src["test"], tgt["test"], SIMILARITY_MEASURES, knn_k=cfg["knn_k"]),
         "timing": {"extract_s": extract_s, "evaluate_s": time.perf_counter() - eval_start},
     }
     reports.plot_accuracy(results, out_dir / "accuracy.png")

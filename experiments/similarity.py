@@ -29,7 +29,11 @@ flags.DEFINE_integer("limit", 1000, "number of texts (0 = all)")
 flags.DEFINE_enum("pooling", "mean", ["mean", "last", "cls"], "pooling of token states")
 flags.DEFINE_bool("normalize", False, "L2-normalise pooled embeddings first (sentence-transformers' own output)")
 flags.DEFINE_list("measures", ["linear_cka", "linear_cka_debiased", "rbf_cka", "svcca64", "svcca128", "mutual_knn"],
-                  "similarity measures")
+                  "similarity measures (linalign_jax.similarity.MEASURES; svcca<dims>, cca_angle<dims>, "
+                  "partial_whitening<alpha>[_<dims>] take any value)")
+flags.DEFINE_enum("convention", "project", ["project", "platonic"], "preprocessing before every measure: as given, "
+                  "or platonic-rep's (clip at the 0.95 quantile of |x|, L2-normalise; RBF σ=1)")
+flags.DEFINE_integer("n_permutations", 100, "random row pairings of the permutation null (z-scores)")
 flags.DEFINE_integer("max_length", 64, "tokens per text")
 flags.DEFINE_integer("batch_size", 32, "texts per extraction batch")
 flags.DEFINE_integer("seed", 0, "seed of the text sample and the mutual-kNN permutations")
@@ -44,18 +48,16 @@ def run(command: str) -> dict:
     """Check every input, then embed and compare into a staged copy of --out_dir."""
     from linalign_jax.data import checks, fingerprint, load_texts
     from linalign_jax.io_utils import check_outside, staged_dir
-    from linalign_jax.similarity import MEASURES
+    from linalign_jax.similarity import KNN_MEASURES, check_measures
 
     if len(FLAGS.models) < 2:
         raise LinalignError(f"--models needs at least 2 specs, got {FLAGS.models}")
-    unknown = [m for m in FLAGS.measures if m not in MEASURES]
-    if unknown:
-        raise LinalignError(f"unknown similarity measure(s) {unknown}; known: {', '.join(MEASURES)}")
+    check_measures(FLAGS.measures)
     checks.check_limits(limit=FLAGS.limit)
     check_outside(FLAGS.out_dir, feature_cache=FLAGS.feature_cache, data=FLAGS.data)
     texts = load_texts(FLAGS.data, limit=FLAGS.limit or None, seed=FLAGS.seed, text_column=FLAGS.text_column)
     checks.check_rows(FLAGS.data, len(texts), 4, "similarity", "raise --limit or give more texts")
-    if "mutual_knn" in FLAGS.measures:
+    if set(KNN_MEASURES) & set(FLAGS.measures):
         checks.check_knn(FLAGS.knn_k, len(texts), f"({FLAGS.data}, --limit={FLAGS.limit})",
                          "lower --knn_k or raise --limit")
     with staged_dir(FLAGS.out_dir) as out_dir:
@@ -81,17 +83,20 @@ def _run_into(out_dir: Path, texts: list, data_fp: str, command: str) -> dict:
         features[spec] = fs.array
         models.append({**embedder.info(), "cache": fs.metadata.get("cache")})
         del embedder
-    mats = similarity_matrices(features, FLAGS.measures, key=jax.random.key(FLAGS.seed), knn_k=FLAGS.knn_k)
+    mats = similarity_matrices(features, FLAGS.measures, key=jax.random.key(FLAGS.seed), knn_k=FLAGS.knn_k,
+                               n_permutations=FLAGS.n_permutations, convention=FLAGS.convention,
+                               symmetric="cycle_knn" not in FLAGS.measures)
     names = [m["spec"] for m in models]
     for measure, mat in mats.items():
-        if measure != "mutual_knn_z":
+        if not measure.endswith("_z"):
             reports.plot_similarity(mat, names, f"{measure} ({FLAGS.data}, N={len(texts)}, {FLAGS.pooling} pooling)",
                                     out_dir / f"heatmap_{measure}.png")
     atomic_write_text(out_dir / "similarity.md", reports.similarity_markdown(mats, names, command))
     result = {"command": command, "models": models, "data": {"spec": FLAGS.data, "n": len(texts),
                                                              "fingerprint": data_fp},
               "config": {"pooling": FLAGS.pooling, "normalize": FLAGS.normalize, "max_length": FLAGS.max_length,
-                         "measures": FLAGS.measures, "seed": FLAGS.seed, "knn_k": FLAGS.knn_k},
+                         "measures": FLAGS.measures, "seed": FLAGS.seed, "knn_k": FLAGS.knn_k,
+                         "convention": FLAGS.convention, "n_permutations": FLAGS.n_permutations},
               "matrices": {k: np.asarray(v).tolist() for k, v in mats.items()},
               "timing": {"total_s": time.perf_counter() - start}}
     atomic_write_json(out_dir / "similarity.json", result)

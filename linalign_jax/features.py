@@ -12,7 +12,9 @@ Pooling (all over the real tokens only, whatever the padding side):
     cls     the first token ([CLS] for BERT-style encoders)
     tokens  every token's state, with its character span in the text (token-level map fitting)
 `layer=-1` is the final hidden state after the final norm (what the paper aligns); any other index selects
-`hidden_states[layer]` (0 = embeddings, i = output of layer i, before a final norm).
+`hidden_states[layer]` (0 = embeddings, i = output of layer i, before a final norm). `layer="all"` keeps every
+hidden state of one forward pass, pooled: an array [L + 1, N, d] (index = the `hidden_states` index), cached like any
+other entry — one extraction feeds a whole layer sweep.
 
 The cache (`cached_features`) keys an entry by everything that determines it: the model's weight fingerprint, the
 dataset fingerprint, pooling, layer, max_length and normalize. Each entry is `<key>.npy` plus `<key>.json` (shape,
@@ -51,7 +53,8 @@ CACHE_FORMAT = 1  # bump when the meaning of a cached array changes
 
 @dataclasses.dataclass
 class FeatureSet:
-    """Pooled features: `array` float32 [N, d], row i for text i, and the metadata that produced it."""
+    """Pooled features: `array` float32 [N, d] (or [L + 1, N, d] for layer="all"), row i for text i, and the metadata
+    that produced it."""
 
     array: np.ndarray
     metadata: Dict[str, Any]
@@ -101,6 +104,11 @@ def pooled_forward(forward_fn, pooling: str, layer: int, normalize: bool):
 
     def step(params, input_ids, attention_mask):
         out = forward_fn(params, input_ids, attention_mask, layer != -1)
+        if layer == "all":
+            if pooling == "tokens":
+                raise LinalignError("layer='all' keeps pooled states only; pool them (mean / last / cls)")
+            pooled = jnp.stack([pool(h, attention_mask, pooling) for h in out.hidden_states])  # [L + 1, B, d]
+            return l2_normalize(pooled) if normalize else pooled
         hidden = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
         if pooling == "tokens":
             return hidden.astype(jnp.float32)
@@ -179,9 +187,12 @@ def extract_features(model: LoadedModel, texts: Sequence[str], *, pooling: str =
     if padding_side not in ("right", "left"):
         raise LinalignError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     n_states = num_states(model)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -n_states <= layer < n_states:
+    if layer == "all" and pooling == "tokens":
+        raise LinalignError("layer='all' keeps pooled states only; use pooling mean, last or cls")
+    if layer != "all" and (isinstance(layer, bool) or not isinstance(layer, int) or not -n_states <= layer < n_states):
         raise LinalignError(f"layer {layer!r} out of range for {model.spec}: it has {n_states} hidden states "
-                            f"(embeddings + {n_states - 1} layers); expected an int in [{-n_states}, {n_states - 1}]")
+                            f"(embeddings + {n_states - 1} layers); expected an int in [{-n_states}, {n_states - 1}] "
+                            "or 'all'")
 
     start = time.perf_counter()
     cpu_start = time.process_time()
@@ -232,9 +243,10 @@ def extract_features(model: LoadedModel, texts: Sequence[str], *, pooling: str =
                 states[i] = out[row][mask[row] > 0]
         return TokenFeatures(states=states, token_ids=tokens.ids, offsets=tokens.offsets, special=tokens.special,
                              metadata=metadata)
-    array = np.empty((len(texts), results[0][1].shape[-1]), np.float32)
+    lead = results[0][1].shape[:-2]  # (L + 1,) for layer="all", else ()
+    array = np.empty((*lead, len(texts), results[0][1].shape[-1]), np.float32)
     for index, out, _ in results:
-        array[index] = out[:len(index)]
+        array[..., index, :] = out[..., :len(index), :]
     if not np.isfinite(array).all():
         raise LinalignError(f"{model.spec}: non-finite features (overflow in {model.dtype}?)")
     return FeatureSet(array=array, metadata=metadata)
@@ -302,8 +314,8 @@ def cached_features(model: LoadedModel, texts, data_fingerprint: str, *, pooling
     hit = _read_entry(array_path, meta_path, key)
     if hit is not None:
         hit.metadata["load_seconds"] = time.perf_counter() - lookup_start
-        if hit.array.shape[0] != len(texts):
-            raise LinalignError(f"feature cache entry {array_path} holds {hit.array.shape[0]} rows but {len(texts)} "
+        if hit.array.shape[-2] != len(texts):
+            raise LinalignError(f"feature cache entry {array_path} holds {hit.array.shape[-2]} rows but {len(texts)} "
                                 f"texts were given: data_fingerprint {data_fingerprint!r} does not identify them")
         return hit
     features = extract_features(model, texts, pooling=pooling, layer=layer, max_length=max_length,

@@ -148,3 +148,50 @@ def _save(fig, path: str | Path) -> Path:
         fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
+
+
+def plot_layer_matrix(matrix: np.ndarray, row_model: str, col_model: str, title: str, path: str | Path) -> Path:
+    """Heatmap of a [source layers, target layers] matrix (layer 0 = embeddings), colour-scaled to its own range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = matrix.shape
+    fig, ax = plt.subplots(figsize=(0.45 * cols + 3, 0.4 * rows + 2))
+    im = ax.imshow(matrix, cmap="viridis", aspect="auto")
+    ax.set_xlabel(f"{col_model} layer")
+    ax.set_ylabel(f"{row_model} layer")
+    ax.set_xticks(range(cols))
+    ax.set_yticks(range(rows))
+    for i in range(rows):
+        for j in range(cols):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", color="white", fontsize=6)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def layer_sweep_markdown(result: Mapping) -> str:
+    """The matched-depth table (paper App. E's shape) and every layer × layer matrix."""
+    diag = result["matched_depth"]
+    cols = [k for k in diag[0] if k not in ("source_layer", "target_layer")]
+    out = ["# Layer sweep", "", f"Command: `{result['command']}`", "",
+           f"Source {result['models']['source']['spec']} ({result['models']['source']['hidden_states']} hidden "
+           f"states) → target {result['models']['target']['spec']} ({result['models']['target']['hidden_states']}); "
+           "layer 0 = embeddings.", "", "## Matched depth", "",
+           _table(["source layer", "target layer"] + cols,
+                  [[str(d["source_layer"]), str(d["target_layer"])] + [f"{d[c]:.3f}" for c in cols] for d in diag]),
+           "",
+           "Native accuracy of a head on each target layer: "
+           + ", ".join(f"{j}: {a:.3f}" for j, a in enumerate(result["alignment"]["native_accuracy"])), ""]
+    for group in ("similarity", "alignment"):
+        for name, mat in result[group].items():
+            mat = np.asarray(mat)
+            if mat.ndim != 2:
+                continue
+            out += [f"## {group}: {name}", "", _table(["src \\ tgt"] + [str(j) for j in range(mat.shape[1])],
+                                                      [[str(i)] + [f"{v:.3f}" for v in row] for i, row in enumerate(mat)]),
+                    ""]
+    return "\n".join(out)

@@ -104,6 +104,21 @@ def test_layer_selects_hidden_states(model, unpadded, layer):
     np.testing.assert_allclose(got.array, [unpadded[t][:-1][layer].mean(0) for t in TEXTS], atol=1e-5)
 
 
+def test_all_layers_in_one_pass_pooled_and_cached(model, unpadded, tmp_path):
+    got = features.cached_features(model, TEXTS, "data-A", layer="all", batch_size=3, normalize=True,
+                                   cache_dir=tmp_path, progress=False)
+    n_states = features.num_states(model)
+    assert got.array.shape == (n_states, len(TEXTS), model.hidden_size)
+    for layer in range(n_states):
+        want = np.asarray([unpadded[t][:-1][layer].mean(0) for t in TEXTS])
+        np.testing.assert_allclose(got.array[layer], want / np.linalg.norm(want, axis=1, keepdims=True), atol=1e-5)
+    again = features.cached_features(model, TEXTS, "data-A", layer="all", normalize=True, cache_dir=tmp_path,
+                                     progress=False)
+    assert again.metadata["cache"] == "hit" and again.array.shape == got.array.shape
+    with pytest.raises(LinalignError, match="pooled states only"):
+        features.extract_features(model, TEXTS, layer="all", pooling="tokens", progress=False)
+
+
 def test_tokens_give_states_and_character_spans(model, unpadded):
     got = features.extract_features(model, TEXTS, pooling="tokens", batch_size=4, progress=False)
     assert isinstance(got, features.TokenFeatures)
