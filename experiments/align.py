@@ -147,7 +147,8 @@ def _run_into(out_dir: Path, cfg: dict, command: str) -> dict:
     shot_settings = any(s in ("public+id", "few_shot") for s in cfg["settings"])
     data = load_task_texts(  # every input checked before a model loads
         cfg["task_data"], ood_data=cfg["ood_data"],
-        public_data=cfg["public_data"] if any(s in ("public", "public+id") for s in cfg["settings"]) else "",
+        public_data=cfg["public_data"] if any(s in ("public", "public+id", "unsupervised") for s in cfg["settings"])
+        else "",
         shots=cfg["shots"] if shot_settings else (), knn_k=cfg["knn_k"], seed=cfg["data_seed"],
         **{k: cfg[k] for k in ("train_limit", "test_limit", "ood_limit", "public_limit", "per_class_shots",
                                "text_column", "label_column")})
@@ -171,7 +172,8 @@ def _run_into(out_dir: Path, cfg: dict, command: str) -> dict:
             data_info[name] = {"spec": cfg[spec_key], "n": len(sets[name]), "fingerprint": fingerprint(sets[name])}
 
     def save(sid, affine, info):
-        fit_rows = {"task_map": "task train", "public": "public"}.get(sid, "public + task train shots")
+        fit_rows = {"task_map": "task train", "public": "public", "unsupervised": "public, unpaired halves"}.get(
+            sid, "public + task train shots")
         save_map(out_dir / "maps" / sid.replace("@", "_"), affine, {
             "source_model": cfg["source_model"], "target_model": cfg["target_model"],
             "source_fingerprint": src_info["fingerprint"], "target_fingerprint": tgt_info["fingerprint"],

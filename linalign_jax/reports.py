@@ -62,6 +62,10 @@ def results_markdown(results: Mapping) -> str:
     if cfg.get("ood_data"):
         metrics = [("energy_auroc", "Energy AUROC"), ("msp_auroc", "MSP AUROC"), ("energy_fpr95", "Energy FPR@95TPR"),
                    ("msp_fpr95", "MSP FPR@95TPR")]
+        first = settings[_order(results)[0]]["mean"]
+        metrics += [(m, label) for m, label in (("knn_auroc", "kNN AUROC"), ("mahalanobis_auroc", "Mahalanobis AUROC"),
+                                                ("knn_fpr95", "kNN FPR@95TPR"),
+                                                ("mahalanobis_fpr95", "Mahalanobis FPR@95TPR")) if m in first]
         out += [f"## OOD detection: ID {task} vs OOD {ood} (paper Table 7 reports Energy AUROC)", "",
                 _table(["Setting"] + [m[1] for m in metrics],
                        [[sid] + [_stat(settings, sid, m, 1, 3) for m, _ in metrics] for sid in _order(results)]),
@@ -74,9 +78,13 @@ def results_markdown(results: Mapping) -> str:
             m, s = settings[sid]["mean"]["map"], settings[sid]["std"]["map"]
             rows.append([sid, pm(m["r2"], s["r2"], 1, 3), pm(m["cosine"], s["cosine"], 1, 3),
                          pm(m["top1"], s["top1"]), pm(m["top5"], s["top5"]),
-                         f"{m['lambda']:.3g}" if "lambda" in m else "–", f"{m.get('map_rows', 0):.0f}"])
+                         f"{m['lambda']:.3g}" if "lambda" in m else "–", f"{m.get('map_rows', 0):.0f}",
+                         f"{m['effective_rank']:.1f}" if "effective_rank" in m else "–"])
         out += ["## Map quality on the task's test pairs", "",
-                _table(["Setting", "R²", "mean cosine", "top-1 %", "top-5 %", "λ", "fit rows"], rows), ""]
+                _table(["Setting", "R²", "mean cosine", "top-1 %", "top-5 %", "λ", "fit rows", "eff. rank of W"], rows),
+                ""]
+    out += ["## Accuracy of every setting, %", "", _table(["Setting", "accuracy"], [
+        [sid, _stat(settings, sid, "accuracy")] for sid in _order(results)]), ""]
     return "\n".join(out)
 
 

@@ -453,7 +453,9 @@ def measure(x, y, name: str, key: jax.Array | None = None, knn_k: int = 10, n_pe
     elif shape:
         alpha = 1.0 if name == "procrustes_angle" else 0.0 if shape.group(2) else float(shape.group(3))
         dims = shape.group(2) or shape.group(4)
-        res = linear_shape_distance(x, y, alpha, int(dims) if dims else None, **null)
+        if dims:  # like svcca: never more components than the rows and both sides support
+            dims = min(int(dims), x.shape[1], y.shape[1], x.shape[0] - 1)
+        res = linear_shape_distance(x, y, alpha, dims or None, **null)
     elif name in ("rsa_spearman", "rsa_pearson"):
         res = rsa(x, y, name[4:], **null)
     else:

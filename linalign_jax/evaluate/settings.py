@@ -9,6 +9,8 @@ Party B = source model: embeds the test inputs and maps them into A's space; A's
     public+id@k  map fitted on public + k labelled train rows          ("Public + ID k")
     few_shot@k   B's own head trained on k labelled train rows of its  ("Baseline k": what the client can do alone)
                  own embeddings, applied to B's test embeddings
+    unsupervised map fitted WITHOUT pairs (`align.unsupervised`): B embeds the first half of the public corpus, A
+                 the second half, so no text is seen by both (not in the paper; the no-paired-data baseline)
 
 Shots k are k rows of the train split in total, stratified by class (the paper's "64 in-distribution samples"), or k
 rows per class with `per_class_shots=True`; a fresh draw per seed. OOD metrics (Energy AUROC as in the paper, plus
@@ -30,12 +32,13 @@ import numpy as np
 from linalign_jax.align.fit import MapConfig, fit_map, ridge_statistics
 from linalign_jax.align.maps import AffineMap, apply_map
 from linalign_jax.align.metrics import map_diagnostics, map_metrics
+from linalign_jax.align.unsupervised import fit_unsupervised
 from linalign_jax.errors import LinalignError
 from linalign_jax.evaluate.heads import HeadConfig, LinearHead, accuracy, train_head
 from linalign_jax.evaluate.ood import FeatureDetectors, feature_ood_metrics, fit_feature_detectors, ood_metrics
 from linalign_jax.io_utils import Progress
 
-SETTINGS = ("native", "task_map", "public", "public+id", "few_shot")
+SETTINGS = ("native", "task_map", "public", "public+id", "few_shot", "unsupervised")
 SHOT_SETTINGS = ("public+id", "few_shot")
 
 
@@ -108,9 +111,9 @@ def run_settings(feats: TaskFeatures, ids: Sequence[str], seeds: Sequence[int], 
     """
     if len(seeds) < 1:
         raise LinalignError("need at least one seed")
-    needs_public = any(i == "public" or i.startswith("public+id") for i in ids)
+    needs_public = any(i in ("public", "unsupervised") or i.startswith("public+id") for i in ids)
     if needs_public and feats.public is None:
-        raise LinalignError("public / public+id settings need public-corpus features")
+        raise LinalignError("public / public+id / unsupervised settings need public-corpus features")
     # Maps that depend on nothing random (no shots, closed-form method) are fitted once and reused across seeds.
     deterministic = map_config.method != "optax"
     public_stats = None
@@ -145,7 +148,7 @@ def run_settings(feats: TaskFeatures, ids: Sequence[str], seeds: Sequence[int], 
                     record = _evaluate(target_head, feats.test.target, feats.test_labels,
                                        None if feats.ood is None else feats.ood.target, target_detectors)
                 else:
-                    if not (deterministic and shots is None and sid in fitted):
+                    if not ((deterministic or name == "unsupervised") and shots is None and sid in fitted):
                         fitted[sid] = _fit_setting(name, shots, feats, map_config, public_stats, sub,
                                                    per_class_shots)
                         if on_map is not None and len(results[sid]["per_seed"]) == 0:
@@ -173,6 +176,11 @@ def run_settings(feats: TaskFeatures, ids: Sequence[str], seeds: Sequence[int], 
 
 def _fit_setting(name: str, shots: int | None, feats: TaskFeatures, config: MapConfig, public_stats,
                  key: jax.Array, per_class_shots: bool) -> tuple[AffineMap, dict]:
+    if name == "unsupervised":
+        half = feats.public.source.shape[0] // 2
+        affine, info = fit_unsupervised(feats.public.source[:half], feats.public.target[half:])
+        info["map_rows"] = int(feats.public.source.shape[0])
+        return affine, info
     if name == "task_map":
         pairs, base = feats.train, None
     elif name == "public":

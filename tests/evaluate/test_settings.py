@@ -26,7 +26,7 @@ def _features(seed=0):
 
 def test_all_settings_over_three_seeds():
     feats = _features()
-    ids = setting_ids(SETTINGS, [6, 12])
+    ids = setting_ids([s for s in SETTINGS if s != "unsupervised"], [6, 12])
     assert ids == ["native", "task_map", "public", "public+id@6", "public+id@12", "few_shot@6", "few_shot@12"]
     saved = []
     res = run_settings(feats, ids, [0, 1, 2], MapConfig(), HeadConfig(max_steps=300),
@@ -70,3 +70,26 @@ def test_bad_settings():
         run_settings(no_public, ["public"], [0], MapConfig())
     with pytest.raises(LinalignError, match="disagree on N"):
         Paired(np.zeros((3, 2)), np.zeros((4, 2)))
+
+
+def test_unsupervised_setting_fits_on_unpaired_halves(monkeypatch):
+    from linalign_jax.evaluate import settings as settings_module
+
+    rng = np.random.default_rng(0)
+    seen = {}
+
+    def fake_fit(x, y):  # records what the fitter is given; returns the identity-like least-squares map
+        seen["x"], seen["y"] = x, y
+        from linalign_jax.align.maps import AffineMap
+        return AffineMap(W=np.eye(x.shape[1], y.shape[1], dtype=np.float32), b=np.zeros(y.shape[1], np.float32)), {}
+
+    monkeypatch.setattr(settings_module, "fit_unsupervised", fake_fit)
+    x = rng.normal(size=(80, 4)).astype(np.float32)
+    labels = (x[:, 0] > 0).astype(int)
+    feats = settings_module.TaskFeatures(train=settings_module.Paired(x[:40], x[:40]), train_labels=labels[:40],
+                                         test=settings_module.Paired(x[40:], x[40:]), test_labels=labels[40:],
+                                         num_classes=2, public=settings_module.Paired(x, x + 1))
+    out = settings_module.run_settings(feats, ["unsupervised"], [0, 1], settings_module.MapConfig())
+    np.testing.assert_array_equal(seen["x"], x[:40])
+    np.testing.assert_array_equal(seen["y"], x[40:] + 1)   # the other half: no text on both sides
+    assert len(out["unsupervised"]["per_seed"]) == 2 and out["unsupervised"]["per_seed"][0]["map"]["map_rows"] == 80
