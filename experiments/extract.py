@@ -61,8 +61,9 @@ def run(command: str) -> dict:
     data = load_rows(FLAGS.data, FLAGS.split, text_column=FLAGS.text_column, label_column=FLAGS.label_column)
     keep = slice(0, FLAGS.limit or None)
     texts, rows = data["texts"][keep], data["rows"][keep]
-    print(f"{FLAGS.data}: {len(texts)} rows ({'split ' + data['split'] if data['split'] else 'unlabelled'}"
-          f"{f', first {FLAGS.limit}' if FLAGS.limit else ''})", file=sys.stderr, flush=True)
+    kept = f"; --limit keeps the first {len(texts)}" if len(texts) < len(data["texts"]) else ""
+    print(f"{FLAGS.data}: {len(data['texts'])} rows ({'split ' + data['split'] if data['split'] else 'unlabelled'})"
+          f"{kept}", file=sys.stderr, flush=True)
     embedder = open_embedder(FLAGS.model, dtype=FLAGS.dtype)
     data_fingerprint = fingerprint(texts)
     result = embedder.features(texts, data_fingerprint, pooling=FLAGS.pooling, layer=FLAGS.layer,
