@@ -12,7 +12,7 @@ regions, random tails, all zeros, duplicated regions.
 
 After every request the provider must still be alive; every reply must be OK or a clear status code (INTERNAL is
 counted as a failure of its own). JSON (--json_out): iterations, crashes, internal_errors, good_session_ok,
-good_queries, rss_growth_mb (provider RSS at the end minus after warm-up), outcomes, seconds.
+good_queries, rss_growth_mb (provider RSS at the end minus after warm-up), outcomes, internal_tracebacks, seconds.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("iterations", 1000, "mutated requests to send")
 flags.DEFINE_integer("seed", 0, "mutation seed")
 flags.DEFINE_string("json_out", "", "write the summary here")
-flags.DEFINE_integer("warmup", 50, "iterations before the RSS baseline is taken")
+flags.DEFINE_integer("warmup", 200, "iterations before the RSS baseline is taken (allocator arenas settle first)")
 flags.DEFINE_float("call_timeout_s", 60.0, "client deadline per mutated request (a hang counts as a failure)")
 
 PRESET, D, K, N_PUBLIC = "insecure_n4096", 64, 6, 512
@@ -117,7 +117,8 @@ class Fuzzer:
         np.save(work / "public.npy", Z_B @ rng.normal(size=(16, D)) / 4 + 0.1)
         token = secrets.token_hex(24)
         (work / "token").write_text(token)
-        self.log = open(work / "provider.log", "w")
+        self.log_path = work / "provider.log"
+        self.log = open(self.log_path, "w")
         self.proc, target = launch_provider(
             {"head": work / "head", "public_features": work / "public.npy", "public_name": "fuzz",
              "token_file": work / "token", "preset": PRESET, "allow_insecure_preset_for_tests": True,
@@ -224,7 +225,8 @@ class Fuzzer:
 
         try:
             if method == "Fit":
-                for _ in self.client._fit(iter(request), timeout=FLAGS.call_timeout_s, metadata=self.client._metadata):
+                for _ in self.client._streams["Fit"](iter(request), timeout=FLAGS.call_timeout_s,
+                                                     metadata=self.client._metadata):
                     pass
                 return "OK"
             reply = self.client.call_raw(method, request, FLAGS.call_timeout_s)
@@ -273,8 +275,11 @@ def run(work: Path) -> dict:
     finally:
         fuzzer.close()
     internal = sum(n for k, n in outcomes.items() if k.endswith(":INTERNAL"))
+    log = fuzzer.log_path.read_text()
+    tracebacks = [block.split("\n", 1)[0] + " " + block.strip().splitlines()[-1]
+                  for block in log.split("helix provider: internal error ")[1:]][:5]
     return {"command": " ".join(sys.argv), "iterations": done, "crashes": len(crashes), "crash_details": crashes,
-            "internal_errors": internal,
+            "internal_errors": internal, "internal_tracebacks": tracebacks,
             "good_session_ok": not fuzzer.good["failed"] and fuzzer.good["ok"] > 0,
             "good_queries": fuzzer.good["ok"], "good_failures": fuzzer.good["failed"][:10],
             "rss_baseline_mb": baseline, "rss_end_mb": end_rss,

@@ -50,6 +50,8 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model compute dt
 flags.DEFINE_integer("data_seed", 0, "seed of the dataset split and the public-set shuffle")
 flags.DEFINE_string("state_dir", "", "keeps head variants registered by secure fits across restarts")
 flags.DEFINE_integer("max_sessions", 64, "live sessions at most")
+flags.DEFINE_integer("max_fitted_heads", 256, "head variants registered by secure fits kept at most (oldest go first)")
+flags.DEFINE_float("fitted_head_ttl_s", 30 * 86400.0, "a fitted head variant is deleted this long after its fit")
 flags.DEFINE_integer("max_sessions_per_client", 16, "live sessions per client address at most")
 flags.DEFINE_integer("max_queries_per_session", 0,
                      "queries a session may make (0 = unlimited; full logits allow extracting a d-dim head with ~d)")
@@ -193,7 +195,8 @@ def main(argv):
             validate.use_sandbox(Sandbox(memory_mb=FLAGS.sandbox_memory_mb))
         core = ProviderCore(load_or_train_head(), public=load_public(),
                             fitted_heads=HeadStore(os.path.join(FLAGS.state_dir, "heads") if FLAGS.state_dir
-                                                   else None),
+                                                   else None, max_heads=FLAGS.max_fitted_heads,
+                                                   ttl_s=FLAGS.fitted_head_ttl_s),
                             preset=None if FLAGS.preset == "auto" else FLAGS.preset, fit_block=FLAGS.fit_block)
         server = ProviderServer(core, token=token, host=FLAGS.host, port=FLAGS.port,
                                 tls=(FLAGS.tls_cert, FLAGS.tls_key) if FLAGS.tls_cert else None,

@@ -142,6 +142,14 @@ def _no_constant(name: str) -> None:
     raise WireError(f"message header holds the non-finite number {name}")
 
 
+def _check_unicode(text: str) -> None:
+    """JSON escapes can spell lone surrogates (\\udcff), which no later `.encode()` survives."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WireError(f"message header has a string that is not valid Unicode ({ascii(text[:20])})") from None
+
+
 def _check_bounded(value: Any, depth: int) -> None:
     """Reject a header value beyond the frame's bounds (see the module doc): only JSON types, bounded sizes."""
     if depth > MAX_DEPTH:
@@ -150,11 +158,15 @@ def _check_bounded(value: Any, depth: int) -> None:
         items = value.values()
         if any(len(k) > MAX_STRING for k in value):
             raise WireError(f"message header has a key longer than {MAX_STRING} characters")
+        for key in value:
+            _check_unicode(key)
     elif isinstance(value, list):
         items = value
     else:
-        if isinstance(value, str) and len(value) > MAX_STRING:
-            raise WireError(f"message header has a string of {len(value)} characters (at most {MAX_STRING})")
+        if isinstance(value, str):
+            if len(value) > MAX_STRING:
+                raise WireError(f"message header has a string of {len(value)} characters (at most {MAX_STRING})")
+            _check_unicode(value)
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= MAX_INT:
             raise WireError(f"message header has the integer {str(value)[:20]}… beyond ±2**53")
         return

@@ -5,7 +5,12 @@ read it, and inserting or clearing entries while another thread reads it is a da
 - every change goes through `KEYS` and takes `KEYS.lock` exclusively; every evaluation that rotates holds it shared;
 - the lock is writer-preferring: once a writer waits, new readers queue behind it, so a stream of evaluations cannot
   starve a session that opens or closes (and readers never nest, so this cannot deadlock);
-- (coming with the sessions.py hook-up: rotation keys parsed outside the lock, only inserted under it);
+- untrusted bytes are never parsed under the lock: a client's rotation keys arrive as one serialized `EvalKeyMap`
+  (`serialize_rotation_keys`), which `add_serialized` deserializes into a private object first (no global state) and
+  then only *inserts* under the lock — a pointer swap, however large the keys;
+- a bundle that fails registers nothing: `add_serialized` is the last step of loading a session (after the template
+  check, the sandbox and the public key), and it either registers the whole map or raises before touching the
+  global one;
 - OpenFHE's bindings can only clear *all* automorphism keys, so the registry remembers each tag's map (the first one
   loaded wins: a client and a provider may share one process, as in tests and benchmarks), counts users per tag, and
   re-inserts them all after every removal;
@@ -60,6 +65,21 @@ class WriterPreferringLock:
                 self._cond.notify_all()
 
 
+def serialize_rotation_keys(cc: fhe.CryptoContext, key_tag: str) -> bytes:
+    """A session's rotation keys as one `EvalKeyMap` (b"" without any): the form `add_serialized` parses without
+    touching the global map."""
+    if key_tag not in set(cc.GetAllEvalAutomorphismKeys()):
+        return b""
+    return fhe.Serialize(cc.GetEvalAutomorphismKeyMap(key_tag), fhe.BINARY)
+
+
+def parse_rotation_keys(blob: bytes) -> Any:
+    """`serialize_rotation_keys` bytes as a private EvalKeyMap (check them with validate.py first)."""
+    from linalign_jax.helix.validate import openfhe_parse
+
+    return openfhe_parse(fhe.DeserializeEvalKeyMapString, blob, "rotation keys")
+
+
 class _KeyRegistry:
     """Rotation keys of live sessions in OpenFHE's process-global map, one entry per secret-key tag."""
 
@@ -69,20 +89,11 @@ class _KeyRegistry:
         self._users: dict[str, int] = {}
 
     def add_serialized(self, cc: fhe.CryptoContext, key_tag: str, blob: bytes) -> None:
+        """Register a session's rotation keys from `serialize_rotation_keys` bytes (checked by validate.py first):
+        parsed outside the lock, inserted under it."""
+        key_map = parse_rotation_keys(blob) if blob else None
         with self.lock.exclusive():
-            if blob:
-                try:
-                    fhe.DeserializeEvalAutomorphismKeyString(blob, fhe.BINARY)
-                except RuntimeError as e:
-                    self._restore(cc)
-                    raise LinalignError(f"rotation keys: OpenFHE cannot deserialize them ({str(e)[-120:]})") from None
-            tags = set(cc.GetAllEvalAutomorphismKeys())
-            foreign = tags - set(self._maps) - {key_tag}
-            if foreign:
-                self._restore(cc)
-                raise LinalignError(f"rotation keys carry foreign key tags {sorted(t[:12] for t in foreign)}; "
-                                    f"expected only the session tag {key_tag[:12]}…")
-            self._register(cc, key_tag, cc.GetEvalAutomorphismKeyMap(key_tag) if key_tag in tags else None)
+            self._register(cc, key_tag, key_map)
 
     def generate(self, cc: fhe.CryptoContext, secret_key: fhe.PrivateKey, rotations: Sequence[int]) -> None:
         """Generate rotation keys into the global map and register them (client side)."""

@@ -33,6 +33,7 @@ fitted basis (one scalar, for λ selection by GCV), d_A, and — as in the paper
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import secrets
 import threading
@@ -41,6 +42,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from linalign_jax.errors import LinalignError
+from linalign_jax.helix.bulk import BulkLayout, BulkPlan
 from linalign_jax.helix.frames import require  # the one typed-field validator (frames.py)
 from linalign_jax.helix.keys import KEYS
 from linalign_jax.helix.linear import VALUE_BUDGET_FRACTION, LinearLayout, LinearPlan, plan_layout, weight_scale
@@ -49,6 +51,7 @@ from linalign_jax.helix.sessions import ClientSession, ProviderSession
 from linalign_jax.io_utils import Progress
 
 PROTOCOL_VERSION = 1
+MAX_CACHED_PLANS = 8  # encoded plans of fitted head variants kept in memory
 BASE_HEAD = "base"
 MAX_QUERIES_PER_CALL = 64
 FLUSH_BELOW = 1e-9  # relative to the input bound; CKKS resolves about 1e-7 of it at ScalingModSize 40
@@ -109,7 +112,7 @@ class PublicEmbeddings:
 @dataclasses.dataclass
 class _QueryState:
     session: ProviderSession
-    plan: LinearPlan
+    plan: LinearPlan | BulkPlan  # BulkPlan: a bulk session (purpose "bulk")
     head: str
 
 
@@ -144,7 +147,9 @@ class ProviderCore:
         # only one this provider accepts from clients.
         self.preset = preset
         self._allowed = {} if preset is None else {"allowed_presets": (preset,)}
-        self._plans: dict[str, LinearPlan] = {}
+        # Encoded plans are large (one plaintext per diagonal): the base head's stays, fitted heads' are evicted
+        # least recently used beyond MAX_CACHED_PLANS (a live session keeps its own plan object).
+        self._plans: collections.OrderedDict[str, LinearPlan] = collections.OrderedDict()
         self._plan_lock = threading.Lock()
         self._plan(BASE_HEAD)  # encode the base head now rather than inside the first client's call
 
@@ -172,29 +177,31 @@ class ProviderCore:
 
     def open_session(self, fields: Mapping[str, Any], blobs: Sequence[bytes]) -> tuple[Any, str]:
         purpose = require(fields, "purpose", str)
-        if purpose not in ("query", "fit"):
-            raise LinalignError(f"session purpose must be 'query' or 'fit', got {purpose!r}")
+        if purpose not in ("query", "fit", "bulk"):
+            raise LinalignError(f"session purpose must be 'query', 'fit' or 'bulk', got {str(purpose)[:40]!r}")
         if len(blobs) != 1:
             raise LinalignError(f"open_session carries {len(blobs)} payloads; expected exactly one key bundle")
         if purpose == "query":
             name = require(fields, "head", str)
             plan = self._plan(name)
             layout = plan.layout
+        elif purpose == "bulk":
+            name = require(fields, "head", str)
+            head = self.head(name)
+            layout = BulkLayout(*head.dims, **({"preset": self.preset} if self.preset else {}))
+            plan = BulkPlan.build(layout, head.V, head.c)  # scalars only: cheap per session
         else:
             rank = self._check_rank(require(fields, "rank", int))
             layout = plan_layout(self.fit_block, rank or self._base.dims[0], self.preset)
         # No lock here: the key registry (keys.py) takes its own lock to change OpenFHE's global key map.
-        session = ProviderSession.load(blobs[0], **self._allowed)
+        session = ProviderSession.load(blobs[0], layout=layout, **self._allowed)
         try:
-            if session.layout_json != layout.to_json():
-                raise LinalignError(f"key bundle was made for layout {session.layout_json}, but this {purpose} "
-                                    f"session needs {layout.to_json()}")
             with KEYS.lock.shared():
                 session.require_rotations(layout.rotation_indices())
         except LinalignError:
             self.release_session(session)
             raise
-        if purpose == "query":
+        if purpose in ("query", "bulk"):
             return _QueryState(session, plan, name), purpose
         return _FitState(session, rank, self.fit_block, layout), purpose
 
@@ -204,9 +211,18 @@ class ProviderCore:
     def release_session(self, session: ProviderSession) -> None:
         session.close()
 
+    def bulk(self, state: Any, start: Mapping[str, Any], batches: Iterator[tuple[Mapping[str, Any], Sequence[bytes]]],
+             *, max_reply_bytes: int) -> Iterator[tuple[dict, list[bytes]]]:
+        """Served bulk inference: feature frames of up to `slots` queries streamed in, the k sanitized result frames
+        out (feature-major packing, no rotation keys; see `bulk.py`)."""
+        if not isinstance(state, _QueryState) or not isinstance(state.plan, BulkPlan):
+            raise LinalignError("this session was not opened for bulk queries (purpose 'bulk')")
+        results = state.session.evaluate_bulk_stream(state.plan, (blobs for _, blobs in batches))
+        yield from _chunks({"head": state.head, "outputs": len(results)}, results, max_reply_bytes)
+
     def query(self, state: Any, fields: Mapping[str, Any], blobs: Sequence[bytes]) -> tuple[dict, list[bytes]]:
-        if not isinstance(state, _QueryState):
-            raise LinalignError("this session was opened for a fit, not for queries")
+        if not isinstance(state, _QueryState) or isinstance(state.plan, BulkPlan):
+            raise LinalignError("this session was opened for a fit or for bulk calls, not for single queries")
         if not 1 <= len(blobs) <= MAX_QUERIES_PER_CALL:
             raise LinalignError(f"a query call carries {len(blobs)} ciphertexts; expected 1..{MAX_QUERIES_PER_CALL}")
         return {"head": state.head}, [state.session.evaluate(state.plan, blob) for blob in blobs]
@@ -285,6 +301,10 @@ class ProviderCore:
             if name not in self._plans:
                 head = self.head(name)
                 self._plans[name] = LinearPlan.build(plan_layout(*head.dims, self.preset), head.V, head.c)
+                fitted = [n for n in self._plans if n != BASE_HEAD]
+                for old in fitted[:max(0, len(fitted) - MAX_CACHED_PLANS)]:
+                    del self._plans[old]
+            self._plans.move_to_end(name)
             return self._plans[name]
 
     def _check_rank(self, rank: int) -> int:
@@ -353,6 +373,30 @@ class QueryClient(_ClientKeys):
 
     def decrypt(self, blob: bytes) -> np.ndarray:
         return self.crypto.decrypt(blob)
+
+
+class BulkClient(_ClientKeys):
+    """The client's side of a bulk session on a named head: queries packed feature-major, up to `slots` per call."""
+
+    def __init__(self, d: int, k: int, input_bound: float, head: str = BASE_HEAD, preset: str | None = None):
+        self.head = head
+        super().__init__(BulkLayout(d, k, **({"preset": preset} if preset else {})), input_bound)
+
+    @property
+    def slots(self) -> int:
+        return self.layout.slots
+
+    def open_fields(self) -> dict[str, Any]:
+        return {"purpose": "bulk", "head": self.head}
+
+    def batches(self, Z: np.ndarray, features_per_message: int) -> Iterator[tuple[dict, list[bytes]]]:
+        """Feature frames of the queries Z [n <= slots, d], encrypted lazily as the stream drains."""
+        for start in range(0, Z.shape[1], features_per_message):
+            stop = min(start + features_per_message, Z.shape[1])
+            yield {"features": [start, stop]}, self.crypto.encrypt_bulk(Z, start, stop)
+
+    def decrypt(self, results: Sequence[bytes]) -> np.ndarray:
+        return self.crypto.decrypt_bulk(results)
 
 
 class SecureFitClient(_ClientKeys):

@@ -102,6 +102,7 @@ def _serve(memory_mb: int, cpu_s: float) -> None:
     import numpy as np
     import openfhe as fhe
 
+    from linalign_jax.helix.keys import parse_rotation_keys
     from linalign_jax.helix.presets import context_for
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -118,7 +119,7 @@ def _serve(memory_mb: int, cpu_s: float) -> None:
             public_key = fhe.DeserializePublicKeyString(job.blobs[0], fhe.BINARY)
             ct = cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(np.zeros(cc.GetRingDimension() // 2)))
             if job.blobs[1]:
-                fhe.DeserializeEvalAutomorphismKeyString(job.blobs[1], fhe.BINARY)
+                cc.InsertEvalAutomorphismKey(parse_rotation_keys(job.blobs[1]), job.field("key_tag", str))
                 for r in job.field("rotations", list):
                     cc.EvalRotate(ct, int(r))
             reply = frames.encode("ok")

@@ -2,7 +2,8 @@
 public and rotation keys, evaluation of plans on the client's ciphertexts)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import itertools
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import openfhe as fhe
@@ -10,18 +11,9 @@ import openfhe as fhe
 from linalign_jax.errors import LinalignError
 from linalign_jax.helix.encoding import check_finite_bounded, decode
 from linalign_jax.helix.frames import KIND_BUNDLE, KIND_QUERY, KIND_RESULT, frame, unframe
-from linalign_jax.helix.keys import KEYS
+from linalign_jax.helix import validate
+from linalign_jax.helix.keys import KEYS, serialize_rotation_keys
 from linalign_jax.helix.presets import SECURE_PRESETS, CkksPreset, context_for, get_preset, preset_of_context_bytes
-
-
-def _deserialize_ciphertext(payload: bytes, what: str) -> fhe.Ciphertext:
-    try:
-        ct = fhe.DeserializeCiphertextString(payload, fhe.BINARY)
-    except RuntimeError as e:
-        raise LinalignError(f"{what}: OpenFHE cannot deserialize the ciphertext ({str(e)[-120:]})") from None
-    if ct is None:
-        raise LinalignError(f"{what}: OpenFHE cannot deserialize the ciphertext (it read no ciphertext)")
-    return ct
 
 
 def check_ciphertext(ct: fhe.Ciphertext, cc: fhe.CryptoContext, key_tag: str, *, level: int, what: str) -> None:
@@ -70,8 +62,7 @@ class ClientSession:
     def bundle(self) -> bytes:
         """Context + public key + rotation keys + public session metadata, as one frame for the provider."""
         parts = [fhe.Serialize(self._cc, fhe.BINARY), fhe.Serialize(self._keys.publicKey, fhe.BINARY),
-                 fhe.SerializeEvalAutomorphismKeyString(fhe.BINARY, self.key_tag)
-                 if self.layout.rotation_indices() else b""]
+                 serialize_rotation_keys(self._cc, self.key_tag) if self.layout.rotation_indices() else b""]
         header = {"preset": self.preset.name, "layout": self.layout.to_json(), "input_bound": self.input_bound,
                   "key_tag": self.key_tag, "part_sizes": [len(p) for p in parts]}
         return frame(KIND_BUNDLE, header, b"".join(parts))
@@ -162,7 +153,7 @@ class ClientSession:
     def _load_own(self, header: dict, payload: bytes, what: str, level: int) -> fhe.Ciphertext:
         if header.get("key_tag") != self.key_tag:
             raise LinalignError(f"{what}: made for key {str(header.get('key_tag'))[:12]}…, not this session's key")
-        ct = _deserialize_ciphertext(payload, what)
+        ct = validate.deserialize_ciphertext(payload, what)
         check_ciphertext(ct, self._cc, self.key_tag, level=level, what=what)
         return ct
 
@@ -175,9 +166,10 @@ class ProviderSession:
     """
 
     def __init__(self, preset: CkksPreset, layout_json: dict, input_bound: float, cc: fhe.CryptoContext,
-                 public_key: fhe.PublicKey, key_tag: str):
+                 public_key: fhe.PublicKey, key_tag: str, templates: validate.SessionTemplates):
         self.preset, self.layout_json, self.input_bound = preset, layout_json, input_bound
         self.cc, self.public_key, self.key_tag = cc, public_key, key_tag
+        self.templates = templates  # what this session's ciphertexts must look like (validate.py)
         self._closed = False
         # OpenFHE re-encodes the plaintext in every EvalMult on a *deserialized* ciphertext (5x slower, measured);
         # anything added onto a locally made ciphertext takes that one's native parameters, so queries are added onto
@@ -185,8 +177,11 @@ class ProviderSession:
         self._native_zero = cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(np.zeros(preset.slots), 2, 0))
 
     @classmethod
-    def load(cls, bundle: bytes, allowed_presets: Sequence[str] = SECURE_PRESETS) -> "ProviderSession":
-        """Deserialize and validate a client bundle: frame, preset (ring/moduli), key tags, rotation key coverage."""
+    def load(cls, bundle: bytes, allowed_presets: Sequence[str] = SECURE_PRESETS, layout=None) -> "ProviderSession":
+        """Validate and load a client bundle: frame, preset (ring/moduli), layout, then the key material checked
+        against honest templates (validate.py) BEFORE OpenFHE parses it; rotation keys are registered last, so a
+        bundle that fails anywhere registers nothing. `layout` is the layout the provider expects (a provider must
+        pass it: templates are built per layout); without it the bundle's own layout is used (in-process tests)."""
         header, payload = unframe(bundle, KIND_BUNDLE)
         try:
             sizes = [int(s) for s in header["part_sizes"]]
@@ -206,17 +201,18 @@ class ProviderSession:
         cc = context_for(preset)
         if preset.name != preset_name:
             raise LinalignError(f"session bundle: context is preset {preset.name}, header says {preset_name}")
-        try:
-            public_key = fhe.DeserializePublicKeyString(pk_bytes, fhe.BINARY)
-        except RuntimeError as e:
-            raise LinalignError(f"session bundle: malformed public key ({str(e)[-120:]})") from None
-        if public_key is None:
-            raise LinalignError("session bundle: malformed public key (OpenFHE read no key)")
+        layout = validate.layout_from_json(layout_json) if layout is None else layout
+        if layout_json != layout.to_json() or layout.preset != preset.name:
+            raise LinalignError(f"key bundle was made for layout {layout_json}, but this session needs "
+                                f"{layout.to_json()}")
+        templates = validate.check_key_material(layout, key_tag, pk_bytes, rk_bytes)
+        public_key = validate.parse_public_key(pk_bytes)
         if public_key.GetKeyTag() != key_tag:
             raise LinalignError(f"session bundle: public key tag {public_key.GetKeyTag()[:12]}… differs from the "
                                 f"header's {key_tag[:12]}…")
-        KEYS.add_serialized(cc, key_tag, rk_bytes)
-        return cls(preset, layout_json, input_bound, cc, public_key, key_tag)
+        session = cls(preset, layout_json, input_bound, cc, public_key, key_tag, templates)
+        KEYS.add_serialized(cc, key_tag, rk_bytes)  # last: nothing is registered for a bundle that fails
+        return session
 
     def require_rotations(self, rotations: Sequence[int]) -> None:
         """Raise naming the rotation indices whose keys this session lacks."""
@@ -255,25 +251,38 @@ class ProviderSession:
         return frame(KIND_RESULT, out_header, fhe.Serialize(result, fhe.BINARY))
 
     def evaluate_bulk(self, plan, queries: Sequence[bytes], chunk: int = 256) -> list[bytes]:
-        """Evaluate a `BulkPlan` on the d_in feature frames of `ClientSession.encrypt_bulk`; one frame per output.
-
-        Frames are deserialized `chunk` at a time, so memory stays bounded for large d_in."""
-        with KEYS.lock.shared():
-            self._check_plan(plan)
+        """Evaluate a `BulkPlan` on the d_in feature frames of `ClientSession.encrypt_bulk`; one frame per output."""
         if len(queries) != plan.layout.d_in:
             raise LinalignError(f"{len(queries)} bulk feature frames, expected d_in={plan.layout.d_in}")
-        n = int(unframe(queries[0], KIND_QUERY)[0].get("n", 0))
+        return self.evaluate_bulk_stream(plan, (queries[i:i + chunk] for i in range(0, len(queries), chunk)))
 
-        def load(j: int, blob: bytes) -> fhe.Ciphertext:
+    def evaluate_bulk_stream(self, plan, frame_chunks: Iterable[Sequence[bytes]]) -> list[bytes]:
+        """`evaluate_bulk` on feature frames arriving in consecutive chunks (a served bulk call streams them), so the
+        provider holds one chunk of inputs at a time."""
+        with KEYS.lock.shared():
+            self._check_plan(plan)
+        frame_chunks = iter(frame_chunks)
+        first = next(frame_chunks, None)
+        if not first:
+            raise LinalignError("a bulk call carried no feature frames")
+        n = unframe(first[0], KIND_QUERY)[0].get("n")
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise LinalignError(f"bulk frame 0 gives n={str(n)[:20]}, not a query count")
+        position = [0]
+
+        def load(blob: bytes) -> fhe.Ciphertext:
+            j = position[0]
             header, payload = unframe(blob, KIND_QUERY)
             if header.get("feature") != j:
-                raise LinalignError(f"bulk frame {j} holds feature {header.get('feature')}")
+                raise LinalignError(f"bulk frame {j} holds feature {str(header.get('feature'))[:20]}")
             if header.get("n") != n:
-                raise LinalignError(f"bulk frame {j} holds {header.get('n')} queries, frame 0 holds {n}")
+                raise LinalignError(f"bulk frame {j} holds {str(header.get('n'))[:20]} queries, frame 0 holds {n}")
+            if j >= plan.layout.d_in:
+                raise LinalignError(f"bulk call carries more than d_in={plan.layout.d_in} feature frames")
+            position[0] += 1
             return self._load(header, payload, f"bulk feature {j} ciphertext", level=0)
 
-        chunks = ([load(j, queries[j]) for j in range(start, min(start + chunk, len(queries)))]
-                  for start in range(0, len(queries), chunk))
+        chunks = ([load(blob) for blob in chunk] for chunk in itertools.chain([first], frame_chunks))
         results, output_scale = plan.apply(self.cc, self.public_key, chunks, self.input_bound, n)
         return [frame(KIND_RESULT, {"key_tag": self.key_tag, "n": n, "output": j, "output_scale": output_scale},
                       fhe.Serialize(ct, fhe.BINARY)) for j, ct in enumerate(results)]
@@ -303,6 +312,6 @@ class ProviderSession:
         if header.get("key_tag") != self.key_tag:
             raise LinalignError(f"{what}: made for key {str(header.get('key_tag'))[:12]}…, not this session's key "
                                 f"{self.key_tag[:12]}…")
-        ct = _deserialize_ciphertext(payload, what)
+        ct = validate.parse_ciphertext(self.templates.ciphertext, payload, self.key_tag, what)
         check_ciphertext(ct, self.cc, self.key_tag, level=level, what=what)
         return self.cc.EvalAdd(self._native_zero, ct)

@@ -74,8 +74,17 @@ class Template:
                                     f"coefficient array; this OpenFHE build's format is not understood here")
         return cls(what, bytes(a), tuple(constant), tuple(arrays), tuple(tags), len(ta))
 
-    def check(self, data: bytes, key_tag: str) -> None:
-        """Raise LinalignError naming the first difference from an honest object of this session."""
+    def check(self, data: bytes, key_tag: str, what: str | None = None) -> None:
+        """Raise LinalignError naming the first difference from an honest object of this session (messages start
+        with `what`, default the template's own name)."""
+        try:
+            self._check(data, key_tag)
+        except LinalignError as e:
+            if what is None:
+                raise
+            raise LinalignError(f"{what}{str(e)[len(self.what):]}") from None
+
+    def _check(self, data: bytes, key_tag: str) -> None:
         if not isinstance(data, (bytes, bytearray)):
             raise LinalignError(f"{self.what}: expected bytes, got {type(data).__name__}")
         if len(data) != len(self.reference):
@@ -237,33 +246,30 @@ def check_key_material(layout, key_tag: str, public_key: bytes, rotation_keys: b
     return templates
 
 
+def openfhe_parse(parse, data: bytes, what: str) -> Any:
+    """`parse(data, BINARY)` with OpenFHE's exceptions (and its silent None) turned into a LinalignError naming `what`
+    (for bytes a template has already checked, or that come from the provider)."""
+    try:
+        parsed = parse(data, fhe.BINARY)
+    except RuntimeError as e:
+        raise LinalignError(f"{what}: OpenFHE cannot deserialize it ({str(e)[-120:]})") from None
+    if parsed is None:
+        raise LinalignError(f"{what}: OpenFHE read nothing from {len(data)} bytes")
+    return parsed
+
+
 def parse_public_key(data: bytes) -> Any:
     """OpenFHE's parse of checked public-key bytes (`check_key_material` first)."""
-    try:
-        key = fhe.DeserializePublicKeyString(data, fhe.BINARY)
-    except RuntimeError as e:
-        raise LinalignError(f"session bundle: malformed public key ({str(e)[-120:]})") from None
-    if key is None:
-        raise LinalignError("session bundle: malformed public key (OpenFHE read no key)")
-    return key
+    return openfhe_parse(fhe.DeserializePublicKeyString, data, "session bundle: public key")
 
 
 def parse_ciphertext(template: Template, data: bytes, key_tag: str, what: str) -> Any:
     """A client ciphertext checked against its session's template (kept by the session: never built during an
     evaluation, which holds the key lock a build needs), then parsed by OpenFHE."""
-    try:
-        template.check(data, key_tag)
-    except LinalignError as e:
-        raise LinalignError(f"{what}: {e}") from None
+    template.check(data, key_tag, what)
     return deserialize_ciphertext(data, what)
 
 
 def deserialize_ciphertext(data: bytes, what: str) -> Any:
-    """OpenFHE's parse of ciphertext bytes with its errors named (for bytes already checked or from a provider)."""
-    try:
-        ct = fhe.DeserializeCiphertextString(data, fhe.BINARY)
-    except RuntimeError as e:
-        raise LinalignError(f"{what}: OpenFHE cannot deserialize the ciphertext ({str(e)[-120:]})") from None
-    if ct is None:
-        raise LinalignError(f"{what}: OpenFHE cannot deserialize the ciphertext (it read no ciphertext)")
-    return ct
+    """OpenFHE's parse of ciphertext bytes with its errors named (bytes already checked, or from a provider)."""
+    return openfhe_parse(fhe.DeserializeCiphertextString, data, what)

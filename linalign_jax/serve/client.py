@@ -57,7 +57,8 @@ class ProviderClient:
         self._unary = {name: self._channel.unary_unary(method + name, _identity, _identity)
                        for name in ("Info", "OpenSession", "Query", "CloseSession")}
         self._lease = self._channel.unary_stream(method + "Lease", _identity, _identity)
-        self._fit = self._channel.stream_stream(method + "Fit", _identity, _identity)
+        self._streams = {name: self._channel.stream_stream(method + name, _identity, _identity)
+                         for name in ("Fit", "Bulk")}
 
     def __enter__(self) -> "ProviderClient":
         return self
@@ -153,15 +154,25 @@ class RemoteSession:
 
     def fit(self, start: Mapping[str, Any], batches: Iterable[tuple[Mapping[str, Any], Sequence[bytes]]],
             timeout_s: float) -> Iterator[Reply]:
-        """Stream `fit_batch` messages, then yield the provider's `fit_result` messages; bytes are counted per reply
-        (`bytes_up` of the first reply also carries everything sent)."""
+        """Stream `fit_batch` messages, then yield the provider's `fit_result` messages."""
+        return self.stream("Fit", "fit", start, batches, timeout_s)
+
+    def bulk(self, start: Mapping[str, Any], batches: Iterable[tuple[Mapping[str, Any], Sequence[bytes]]],
+             timeout_s: float) -> Iterator[Reply]:
+        """Stream `bulk_batch` messages of feature ciphertexts, then yield the `bulk_result` messages."""
+        return self.stream("Bulk", "bulk", start, batches, timeout_s)
+
+    def stream(self, method: str, name: str, start: Mapping[str, Any],
+               batches: Iterable[tuple[Mapping[str, Any], Sequence[bytes]]], timeout_s: float) -> Iterator[Reply]:
+        """`<name>_start`, the batches, `<name>_end` out; the `<name>_result` replies in. Bytes are counted per reply
+        (`bytes_up` of the first reply also carries everything sent before it)."""
         sent, failure = [0], []
 
         def requests() -> Iterator[bytes]:
             # Lazy: each batch is encrypted only when gRPC is ready to send it, so the client's encryption overlaps
             # the provider's evaluation and at most a few batches are in memory.
-            messages = itertools.chain([("fit_start", {"session": self.id, **start}, ())],
-                                       (("fit_batch", f, b) for f, b in batches), [("fit_end", {}, ())])
+            messages = itertools.chain([(f"{name}_start", {"session": self.id, **start}, ())],
+                                       ((f"{name}_batch", f, b) for f, b in batches), [(f"{name}_end", {}, ())])
             try:
                 for kind, fields, blobs in messages:
                     raw = wire.encode(kind, fields, blobs)
@@ -173,14 +184,14 @@ class RemoteSession:
 
         start_time = time.perf_counter()
         try:
-            for raw in self.client._fit(requests(), timeout=timeout_s, metadata=self.client._metadata):
-                frame = wire.decode(raw, "fit_result")
+            for raw in self.client._streams[method](requests(), timeout=timeout_s, metadata=self.client._metadata):
+                frame = wire.decode(raw, f"{name}_result")
                 up, sent[0] = sent[0], 0
                 yield Reply(frame.header, frame.blobs, up, len(raw), time.perf_counter() - start_time)
         except grpc.RpcError as e:
             if failure:
                 raise failure[0] from None
-            raise self.client._remote_error(e, "Fit") from None
+            raise self.client._remote_error(e, method) from None
 
     def close(self) -> None:
         if self._closing:

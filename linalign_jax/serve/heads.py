@@ -5,8 +5,12 @@ model spec, dataset, accuracy...). Writes are atomic, so a provider killed mid-w
 """
 from __future__ import annotations
 
+import collections
 import json
 import re
+import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -49,22 +53,71 @@ def load_head(path: str | Path) -> tuple[ServedHead, dict[str, Any]]:
 
 
 class HeadStore:
-    """Head variants by name, persisted under `root` (one head directory each) when a root is given."""
+    """Head variants by name, persisted under `root` (one head directory each) when a root is given.
 
-    def __init__(self, root: str | Path | None = None):
+    Bounded: at most `max_heads` variants (the oldest is deleted when a fit registers one more) and each lives
+    `ttl_s` after its fit (then it is deleted, from disk too); a client with a map for a deleted variant is told to
+    fit again. At most `cache` variants are held in memory; the rest are read back from disk on use."""
+
+    def __init__(self, root: str | Path | None = None, *, max_heads: int = 256, ttl_s: float = 30 * 86400.0,
+                 cache: int = 16, clock=time.time):
+        if max_heads < 1 or ttl_s <= 0 or cache < 1:
+            raise LinalignError(f"a head store needs max_heads >= 1, ttl_s > 0 and cache >= 1, got {max_heads}, "
+                                f"{ttl_s}, {cache}")
         self.root = None if root is None else Path(root)
-        self._cache: dict[str, ServedHead] = {}
+        self.max_heads, self.ttl_s, self._clock = max_heads, ttl_s, clock
+        self._cache_size = cache if self.root is not None else max_heads  # memory is the only copy without a root
+        self._cache: collections.OrderedDict[str, ServedHead] = collections.OrderedDict()
+        self._created: dict[str, float] = {}
+        self._lock = threading.Lock()
+        if self.root is not None and self.root.is_dir():
+            for path in self.root.iterdir():
+                if _NAME.match(path.name) and (path / METADATA_FILE).is_file():
+                    self._created[path.name] = (path / METADATA_FILE).stat().st_mtime
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._expire()
+            return len(self._created)
 
     def __getitem__(self, name: str) -> ServedHead:
-        if name not in self._cache:
-            if self.root is None or not _NAME.match(name) or not (self.root / name).is_dir():
+        with self._lock:
+            self._expire()
+            if name not in self._created:
                 raise KeyError(name)
-            self._cache[name] = load_head(self.root / name)[0]
-        return self._cache[name]
+            if name not in self._cache:
+                if self.root is None:
+                    raise KeyError(name)
+                self._cache[name] = load_head(self.root / name)[0]
+            self._cache.move_to_end(name)
+            head = self._cache[name]
+            self._trim_cache()
+            return head
 
     def __setitem__(self, name: str, head: ServedHead) -> None:
         if not _NAME.match(name):
             raise LinalignError(f"head name {name!r} must match {_NAME.pattern}")
+        with self._lock:
+            self._expire()
+            while len(self._created) >= self.max_heads:
+                self._delete(min(self._created, key=self._created.get))
+            if self.root is not None:
+                save_head(self.root / name, head, {"kind": "secure-fit head variant"})
+            self._created[name] = self._clock()
+            self._cache[name] = head
+            self._trim_cache()
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for name in [n for n, t in self._created.items() if now - t >= self.ttl_s]:
+            self._delete(name)
+
+    def _delete(self, name: str) -> None:
+        self._created.pop(name, None)
+        self._cache.pop(name, None)
         if self.root is not None:
-            save_head(self.root / name, head, {"kind": "secure-fit head variant"})
-        self._cache[name] = head
+            shutil.rmtree(self.root / name, ignore_errors=True)
+
+    def _trim_cache(self) -> None:
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from linalign_jax.errors import LinalignError
-from linalign_jax.helix.protocol import BASE_HEAD, QueryClient, SecureFitClient
+from linalign_jax.helix.protocol import BASE_HEAD, MAX_QUERIES_PER_CALL, BulkClient, QueryClient, SecureFitClient
 from linalign_jax.io_utils import Progress
 from linalign_jax.serve.client import ProviderClient
 
@@ -39,33 +39,72 @@ class QueryRun:
 def classify(client: ProviderClient, Z: np.ndarray, *, head: str = BASE_HEAD, k: int, input_bound: float,
              preset: str | None = None, timeout_s: float = 30.0, progress: str | None = "helix queries") -> QueryRun:
     """Encrypted logits for the mapped embeddings Z [n, d] from the provider's head `head` (k classes)."""
-    Z = np.asarray(Z, np.float64)
-    if Z.ndim != 2 or not len(Z):
-        raise LinalignError(f"queries must be a non-empty [n, d] array, got shape {Z.shape}")
+    Z = _queries(Z)
     start = time.perf_counter()
     party = QueryClient(Z.shape[1], k, input_bound, head, preset)
+
+    def run(session, logits, latency, up, down) -> None:
+        bar = Progress(progress, len(Z), "queries") if progress else None
+        for i, z in enumerate(Z):
+            t0 = time.perf_counter()
+            reply = session.query({}, [party.encrypt(z)], timeout_s=timeout_s)
+            if len(reply.blobs) != 1:
+                raise LinalignError(f"provider answered query {i} with {len(reply.blobs)} ciphertexts, expected 1")
+            logits[i] = party.decrypt(reply.blobs[0])
+            latency[i] = time.perf_counter() - t0
+            up[i], down[i] = reply.bytes_up, reply.bytes_down
+            if bar:
+                bar.update()
+        if bar:
+            bar.close()
+
+    return _session_run(client, party, len(Z), k, start, run)
+
+
+def classify_bulk(client: ProviderClient, Z: np.ndarray, *, head: str = BASE_HEAD, k: int, input_bound: float,
+                  preset: str | None = None, timeout_s: float = 600.0) -> QueryRun:
+    """Encrypted logits for Z [n, d] in bulk: one session, one streamed call per `slots` queries (feature-major, so
+    each ciphertext carries thousands of queries). Latency and bytes per query are the call's, amortised over its
+    queries."""
+    Z = _queries(Z)
+    start = time.perf_counter()
+    party = BulkClient(Z.shape[1], k, input_bound, head, preset)
+
+    def run(session, logits, latency, up, down) -> None:
+        for lo in range(0, len(Z), party.slots):
+            batch, span = Z[lo:lo + party.slots], slice(lo, lo + party.slots)
+            t0, results, sent, received = time.perf_counter(), [], 0, 0
+            for reply in session.bulk({"n": len(batch)}, party.batches(batch, MAX_QUERIES_PER_CALL),
+                                      timeout_s=timeout_s):
+                results.extend(reply.blobs)
+                sent, received = sent + reply.bytes_up, received + reply.bytes_down
+            if len(results) != k:
+                raise LinalignError(f"the provider answered a bulk call with {len(results)} results, expected {k}")
+            logits[span] = party.decrypt(results)
+            latency[span] = (time.perf_counter() - t0) / len(batch)
+            up[span], down[span] = sent / len(batch), received / len(batch)
+
+    return _session_run(client, party, len(Z), k, start, run)
+
+
+def _session_run(client: ProviderClient, party, n: int, k: int, start: float, run) -> QueryRun:
+    """Open one session for `party`, let `run` fill logits / latency / bytes for the n queries, always free the keys."""
     try:
         with client.open_session(party.open_fields(), [party.bundle()]) as session:
             setup_s = time.perf_counter() - start
-            logits = np.zeros((len(Z), k))
-            latency, up, down = (np.zeros(len(Z)) for _ in range(3))
-            bar = Progress(progress, len(Z), "queries") if progress else None
-            for i, z in enumerate(Z):
-                t0 = time.perf_counter()
-                reply = session.query({}, [party.encrypt(z)], timeout_s=timeout_s)
-                if len(reply.blobs) != 1:
-                    raise LinalignError(f"provider answered query {i} with {len(reply.blobs)} ciphertexts, "
-                                        f"expected 1")
-                logits[i] = party.decrypt(reply.blobs[0])
-                latency[i] = time.perf_counter() - t0
-                up[i], down[i] = reply.bytes_up, reply.bytes_down
-                if bar:
-                    bar.update()
-            if bar:
-                bar.close()
+            logits = np.zeros((n, k))
+            latency, up, down = (np.zeros(n) for _ in range(3))
+            run(session, logits, latency, up, down)
             return QueryRun(logits, latency, up, down, setup_s, session.setup_bytes)
     finally:
         party.close()
+
+
+def _queries(Z: np.ndarray) -> np.ndarray:
+    Z = np.asarray(Z, np.float64)
+    if Z.ndim != 2 or not len(Z):
+        raise LinalignError(f"queries must be a non-empty [n, d] array, got shape {Z.shape}")
+    return Z
 
 
 @dataclasses.dataclass

@@ -8,6 +8,8 @@ Methods of `linalign.helix.v1.Provider`:
                              lost the network) the provider ends the session and frees its keys at once
     Query         unary   -> ciphertext(s) in, encrypted logits out
     Fit           bidi    -> the secure map fit: encrypted public-set columns in, Enc(Z_Aᵀ Z_B) out (paper §3.2)
+    Bulk          bidi    -> many queries per call: feature-major ciphertexts in (thousands of queries each), the k
+                             result ciphertexts out
     CloseSession  unary
 
 Everything cryptographic lives behind `core` (`linalign_jax.helix.protocol.ProviderCore`); this module does transport.
@@ -142,8 +144,9 @@ class ProviderServer:
                     for name, method in unary.items()}
         handlers["Lease"] = grpc.stream_stream_rpc_method_handler(self._guard_stream(self._lease, single=True),
                                                                   _identity, _identity)
-        handlers["Fit"] = grpc.stream_stream_rpc_method_handler(self._guard_stream(self._fit, single=False),
-                                                                _identity, _identity)
+        for name, method in (("Fit", self._fit), ("Bulk", self._bulk)):
+            handlers[name] = grpc.stream_stream_rpc_method_handler(self._guard_stream(method, single=False),
+                                                                   _identity, _identity)
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
     def _guard(self, method: Callable[[bytes, grpc.ServicerContext], bytes]):
@@ -197,25 +200,34 @@ class ProviderServer:
         return wire.encode("session_closed", {"was_live": was_live})
 
     def _fit(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        frames = (wire.decode(r, ("fit_start", "fit_batch", "fit_end")) for r in requests)
+        yield from self._stream(requests, "fit", self.core.fit, lambda start: 0)
+
+    def _bulk(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from self._stream(requests, "bulk", self.core.bulk, lambda start: start.field("n", int))
+
+    def _stream(self, requests: Iterator[bytes], name: str, run, quota) -> Iterator[bytes]:
+        """A `<name>_start`, `<name>_batch`…, `<name>_end` stream in, `<name>_result` messages out; `quota(start)` is
+        what it spends of the session's query quota."""
+        kinds = (f"{name}_start", f"{name}_batch", f"{name}_end")
+        frames = (wire.decode(r, kinds) for r in requests)
         start = next(frames, None)
-        if start is None or start.kind != "fit_start":
-            raise wire.WireError("a Fit stream must begin with a 'fit_start' message")
-        with self.sessions.use(start.field("session", str)) as session:
+        if start is None or start.kind != kinds[0]:
+            raise wire.WireError(f"a {name} stream must begin with a {kinds[0]!r} message")
+        with self.sessions.use(start.field("session", str), queries=quota(start)) as session:
             def batches() -> Iterator[tuple[dict, tuple[bytes, ...]]]:
                 for frame in frames:
                     if session.ended.is_set():
-                        raise SessionError(f"session ended during the fit: {session.end_reason}")
-                    if frame.kind == "fit_end":
+                        raise SessionError(f"session ended during the {name} call: {session.end_reason}")
+                    if frame.kind == kinds[2]:
                         return
-                    if frame.kind != "fit_batch":
-                        raise wire.WireError(f"unexpected {frame.kind!r} message inside a fit")
+                    if frame.kind != kinds[1]:
+                        raise wire.WireError(f"unexpected {frame.kind!r} message inside a {name} call")
                     yield frame.header, frame.blobs
-                raise LinalignError("the client closed the fit stream before sending 'fit_end'")
+                raise LinalignError(f"the client closed the {name} stream before sending {kinds[2]!r}")
 
-            for fields, blobs in self.core.fit(session.state, start.header, batches(),
-                                               max_reply_bytes=self.max_message_bytes // 2):
-                yield wire.encode("fit_result", fields, blobs)
+            for fields, blobs in run(session.state, start.header, batches(),
+                                     max_reply_bytes=self.max_message_bytes // 2):
+                yield wire.encode(f"{name}_result", fields, blobs)
 
 
 def _identity(data: bytes) -> bytes:

@@ -53,6 +53,7 @@ GOOD = wire.encode("query", {"session": "s"}, [b"abcd"])
     (raw_frame(json.dumps({"kind": "q", "blobs": [], "x": list(range(5000))}).encode()), "5000 items"),
     (raw_frame(json.dumps({"kind": "q", "blobs": [], "x": "a" * 5000}).encode()), "string of 5000 characters"),
     (raw_frame(b'{"kind":"q","blobs":[],"x":12345678901234567890}'), "beyond"),
+    (raw_frame(b'{"kind":"q","blobs":[],"key_tag":"\\udcff"}'), "not valid Unicode"),
 ])
 def test_malformed_frames_are_rejected(data, message):
     with pytest.raises(wire.WireError, match=message):
