@@ -10,7 +10,8 @@ Outputs in --out_dir: outputs.jsonl (one record per pair × prompt × mode: hybr
 output, finish reason, reference, and for multiple choice the letter and whether it is right; for a later judge),
 results.md (the table), compat_vs_quality.png (Fig. 5: exact token match and vocabulary Jaccard vs quality, where
 quality = hybrid / native-target multiple-choice accuracy when --mc_data is given, else next-token top-1 agreement),
-maps/ and results.json (written last, atomically: command, config, pairs[...], complete).
+maps/ and results.json (written last: command, config, pairs[...], complete). The folder is staged and swapped in
+whole at the end, so a failed sweep leaves the previous one untouched.
 """
 from __future__ import annotations
 
@@ -194,11 +195,9 @@ def markdown(results: dict) -> str:
 def run(config: dict, command: str, load=None) -> dict:
     """The sweep; `load(spec, dtype)` loads a model (default `load_model`)."""
     from linalign_jax.generate import protocol
-    from linalign_jax.io_utils import atomic_write_json, atomic_write_text
+    from linalign_jax.io_utils import atomic_write_json, atomic_write_text, staged_dir
     from linalign_jax.models import load_model
 
-    out_dir = Path(config["out_dir"])
-    (out_dir / "results.json").unlink(missing_ok=True)
     pairs = parse_pairs(config["pair"])
     mc = protocol.load_multiple_choice(config["mc_data"], config["mc_limit"]) if config["mc_data"] else []
     alpaca = protocol.load_alpaca(config["alpaca_data"], config["alpaca_limit"]) if config["alpaca_data"] else []
@@ -207,23 +206,24 @@ def run(config: dict, command: str, load=None) -> dict:
     if not fit or not heldout:
         raise LinalignError(f"{config['fit_data']!r} has {len(pool)} texts: need --fit_texts={config['fit_texts']} "
                             "plus at least one held-out text")
-    start = time.perf_counter()
-    models, results, records = {}, [], []
-    for i, (source_spec, target_spec) in enumerate(pairs):
-        for spec in (source_spec, target_spec):
-            if spec not in models:
-                models[spec] = (load or load_model)(spec, dtype=config["dtype"])
-        results.append(run_pair(models[source_spec], models[target_spec], fit, heldout, mc, alpaca, config, out_dir,
-                                records))
-        next_pair = set(pairs[i + 1]) if i + 1 < len(pairs) else set()
-        for spec in set(models) - next_pair:  # keep only what the next pair needs: sweeps go up to 32B models
-            del models[spec]
-    summary = {"command": command, "config": config, "pairs": results, "n_records": len(records),
-               "seconds": time.perf_counter() - start, "complete": True}
-    protocol.write_jsonl(out_dir / "outputs.jsonl", records)
-    scatter(results, out_dir / "compat_vs_quality.png")
-    atomic_write_text(out_dir / "results.md", markdown(summary))
-    atomic_write_json(out_dir / "results.json", summary)
+    with staged_dir(config["out_dir"]) as out_dir:  # a failed sweep leaves the previous folder untouched
+        start = time.perf_counter()
+        models, results, records = {}, [], []
+        for i, (source_spec, target_spec) in enumerate(pairs):
+            for spec in (source_spec, target_spec):
+                if spec not in models:
+                    models[spec] = (load or load_model)(spec, dtype=config["dtype"])
+            results.append(run_pair(models[source_spec], models[target_spec], fit, heldout, mc, alpaca, config, out_dir,
+                                    records))
+            next_pair = set(pairs[i + 1]) if i + 1 < len(pairs) else set()
+            for spec in set(models) - next_pair:  # keep only what the next pair needs: sweeps go up to 32B models
+                del models[spec]
+        summary = {"command": command, "config": config, "pairs": results, "n_records": len(records),
+                   "seconds": time.perf_counter() - start, "complete": True}
+        protocol.write_jsonl(out_dir / "outputs.jsonl", records)
+        scatter(results, out_dir / "compat_vs_quality.png")
+        atomic_write_text(out_dir / "results.md", markdown(summary))
+        atomic_write_json(out_dir / "results.json", summary)
     return summary
 
 

@@ -125,3 +125,5 @@ def test_sweep_end_to_end(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "experiments.generate_sweep", "--pair=only-one", f"--out_dir={out}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "SOURCE=>TARGET" in bad.stderr
+    assert json.loads((out / "results.json").read_text())["n_records"] == results["n_records"]  # old run untouched
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
