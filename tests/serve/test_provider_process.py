@@ -176,8 +176,10 @@ def test_tls_provider(artefacts, client_for):
     try:
         secure = client_for(proc, tls_ca=str(cert), tls_server_name="localhost")
         assert_still_serving(secure, artefacts)
-        with pytest.raises(RemoteError, match="unavailable"):
+        with pytest.raises(RemoteError, match="unavailable.*hint: if the provider serves TLS, give --tls_ca"):
             client_for(proc, timeout_s=5).info()  # plaintext client against a TLS port
+        with pytest.raises(RemoteError, match="Hostname Verification.*hint: .*--tls_server_name.*subjectAltName"):
+            client_for(proc, tls_ca=str(cert), tls_server_name="provider.example.org", timeout_s=5).info()
     finally:
         proc.stop()
 
