@@ -48,6 +48,10 @@ class Sandbox:
         if reply.kind == "error":
             raise LinalignError(f"key material: {reply.field('message', str)}")
 
+    def start(self) -> None:
+        with self._lock:
+            self._worker()
+
     def close(self) -> None:
         with self._lock:
             self._stop()

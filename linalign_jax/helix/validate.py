@@ -214,6 +214,8 @@ def use_sandbox(sandbox) -> None:
     after its template check: defence in depth for a provider."""
     global _sandbox
     _sandbox = sandbox
+    if sandbox is not None:
+        sandbox.start()  # its worker imports OpenFHE now, not during the first client's bundle
 
 
 def layout_from_json(fields: dict):

@@ -249,14 +249,18 @@ def largest_request_bytes(core: Any) -> int:
     info = core.describe()
     preset = info.get("preset")
     base = plan_layout(info["head"]["d"], info["head"]["k"], preset)
-    layouts = [base]
+    from linalign_jax.helix.bulk import BulkLayout
+
+    # the bulk layout's templates are built here too, so the first bulk session does not wait for them
+    layouts = [base, BulkLayout(info["head"]["d"], info["head"]["k"], **({"preset": preset} if preset else {}))]
     if "fit" in info:
         fit = info["fit"]
         layouts.append(max((plan_layout(fit["block"], r, preset) for r in range(1, fit["d"] + 1)),
                            key=lambda layout: len(layout.rotation_indices())))
     largest = 0
     for layout in layouts:
-        reference = base if base.preset == layout.preset and base.rotation_indices() else layout
+        reference = base if base.preset == layout.preset and base.rotation_indices() and layout.kind == "linear" \
+            else layout
         t = templates_for(reference)
         per_key = len(t.rotation_keys.reference) / len(reference.rotation_indices()) if t.rotation_keys else 0
         bundle = (len(canonical_context_bytes(get_preset(layout.preset))) + len(t.public_key.reference)
