@@ -268,7 +268,8 @@ def test_client_binary_fits_then_classifies(provider, artefacts, tmp_path):
     np.save(tmp_path / "y.npy", labels)
     out = tmp_path / "predictions.json"
     run = subprocess.run(common + ["--mode=classify", f"--map={tmp_path / 'map'}", f"--features={tmp_path / 'q.npy'}",
-                                   f"--labels={tmp_path / 'y.npy'}", f"--out={out}"], cwd=REPO, env=env,
+                                   f"--labels={tmp_path / 'y.npy'}", f"--out={out}",
+                                   f"--plaintext_head={root / 'state' / 'heads' / meta['helix_head']}"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -277,6 +278,8 @@ def test_client_binary_fits_then_classifies(provider, artefacts, tmp_path):
     np.testing.assert_allclose(result["logits"], want, rtol=1e-3, atol=1e-3)
     assert [p["prediction"] for p in result["predictions"]] == list(want.argmax(1))
     assert result["summary"]["accuracy"] == np.mean(want.argmax(1) == labels)
+    assert result["summary"]["plaintext_accuracy"] == result["summary"]["accuracy"]  # printed side by side
+    assert result["summary"]["prediction_agreement"] == 1.0 and "accuracy (plaintext)" in run.stdout
     assert all(p["latency_ms"] > 0 and p["bytes_up"] > 0 and p["bytes_down"] > 0 for p in result["predictions"])
 
 
