@@ -241,13 +241,19 @@ def _overlap(nx: np.ndarray, ny: np.ndarray) -> float:
     return float((nx[:, :, None] == ny[:, None, :]).any(-1).mean())
 
 
+def _neighbour_measure(statistic, name: str, x, y, k: int, n_permutations: int, key: jax.Array | None
+                       ) -> dict[str, float]:
+    """`statistic(N_X, N_Y)` of the cosine k-neighbour lists, with its permutation null."""
+    x, y = _check(x, y)
+    _check_k(k, x.shape[0], name)
+    nx, ny = knn_indices(x, k), knn_indices(y, k)
+    return {**permutation_null(lambda p: statistic(nx, _permuted_neighbours(ny, p)), len(x), statistic(nx, ny),
+                               n_permutations, key), "k": k}
+
+
 def mutual_knn(x, y, k: int = 10, n_permutations: int = 100, key: jax.Array | None = None) -> dict[str, float]:
     """{"score", "null_mean", "null_std", "z", "k"}: mean over rows of |N_X(i) ∩ N_Y(i)| / k."""
-    x, y = _check(x, y)
-    _check_k(k, x.shape[0], "mutual kNN")
-    nx, ny = knn_indices(x, k), knn_indices(y, k)
-    return {**permutation_null(lambda p: _overlap(nx, _permuted_neighbours(ny, p)), len(x), _overlap(nx, ny),
-                               n_permutations, key), "k": k}
+    return _neighbour_measure(_overlap, "mutual kNN", x, y, k, n_permutations, key)
 
 
 def _cycle(nx: np.ndarray, ny: np.ndarray) -> float:
@@ -258,11 +264,7 @@ def _cycle(nx: np.ndarray, ny: np.ndarray) -> float:
 def cycle_knn(x, y, k: int = 10, n_permutations: int = 100, key: jax.Array | None = None) -> dict[str, float]:
     """Fraction of rows i found among the X-neighbours of some Y-neighbour of i (platonic-rep `cycle_knn`: i → its
     k Y-neighbours j → their k X-neighbours; not symmetric in X and Y)."""
-    x, y = _check(x, y)
-    _check_k(k, x.shape[0], "cycle kNN")
-    nx, ny = knn_indices(x, k), knn_indices(y, k)
-    return {**permutation_null(lambda p: _cycle(nx, _permuted_neighbours(ny, p)), len(x), _cycle(nx, ny),
-                               n_permutations, key), "k": k}
+    return _neighbour_measure(_cycle, "cycle kNN", x, y, k, n_permutations, key)
 
 
 def _lcs(nx: np.ndarray, ny: np.ndarray) -> float:
@@ -281,11 +283,7 @@ def _lcs(nx: np.ndarray, ny: np.ndarray) -> float:
 
 def lcs_knn(x, y, k: int = 10, n_permutations: int = 100, key: jax.Array | None = None) -> dict[str, float]:
     """Mean length (0..k) of the longest common subsequence of each row's rank-ordered k-neighbour lists."""
-    x, y = _check(x, y)
-    _check_k(k, x.shape[0], "LCS kNN")
-    nx, ny = knn_indices(x, k), knn_indices(y, k)
-    return {**permutation_null(lambda p: _lcs(nx, _permuted_neighbours(ny, p)), len(x), _lcs(nx, ny),
-                               n_permutations, key), "k": k}
+    return _neighbour_measure(_lcs, "LCS kNN", x, y, k, n_permutations, key)
 
 
 def _sparse_hsic_unbiased(a: scipy.sparse.csr_matrix, b: scipy.sparse.csr_matrix) -> float:
