@@ -27,9 +27,9 @@ results.json keys:
                    "top1", "top5", "lambda", "rank", "map_rows", "effective_rank", "stable_rank", "r2_dim_median"},
                    "map_diagnostics": {"singular_values", "r2_per_dim"} (mapped settings), "head_rows"
                    (few_shot)}; mean/std (ddof=1) over seeds of each number
-    similarity     source vs target on the task test rows: SIMILARITY_MEASURES (linear/debiased/RBF CKA, SVCCA-64,
-                   mutual/cycle/LCS kNN, CKNNA, Procrustes and CCA-64 angular distances, RSA), each permutation-
-                   tested measure with its "<measure>_z"
+    similarity     source vs target on the task test rows: --similarity_measures, default SIMILARITY_MEASURES
+                   (linear/debiased/RBF CKA, SVCCA-64, mutual/cycle/LCS kNN, CKNNA, Procrustes and CCA-64 angular
+                   distances, RSA), each permutation-tested measure with its "<measure>_z"
     timing         {"extract_s", "evaluate_s", "total_s", "cpu_s"}; "extract" lists each feature set's cache status
     complete       true (only ever written in a finished file)
 """
@@ -45,6 +45,9 @@ from absl import app, flags
 from linalign_jax.errors import LinalignError, exit_on_bad_input
 
 FLAGS = flags.FLAGS
+# source vs target on the test rows (definitions: linalign_jax.similarity); the shape distances are in radians
+SIMILARITY_MEASURES = ("linear_cka", "linear_cka_debiased", "rbf_cka", "svcca64", "mutual_knn", "cknna", "cycle_knn",
+                       "lcs_knn", "procrustes_angle", "cca_angle64", "rsa_spearman")
 flags.DEFINE_string("source_model", None, "Party B's model spec (asset name, hub id or local path)")
 flags.DEFINE_string("target_model", None, "Party A's model spec: owns the linear head")
 flags.DEFINE_string("task_data", None, "labelled task dataset spec (train/test)")
@@ -56,6 +59,8 @@ flags.DEFINE_enum("map", "ridge", ["ridge", "optax", "procrustes", "rrr"], "map 
 flags.DEFINE_string("ridge_lambda", "auto", "ridge λ (> 0), 'auto' (GCV) or 'cv' (k-fold CV); used by ridge and rrr")
 flags.DEFINE_integer("cv_folds", 5, "folds for --ridge_lambda=cv")
 flags.DEFINE_bool("procrustes_scale", True, "Procrustes: fit one global scale s (False: a pure rotation, s = 1)")
+flags.DEFINE_list("similarity_measures", list(SIMILARITY_MEASURES),
+                  "source-vs-target similarity measures on the test rows ('' = none; linalign_jax.similarity)")
 flags.DEFINE_integer("ood_knn_k", 10, "k of the kNN OOD detector (cosine distance to the k-th training neighbour)")
 flags.DEFINE_integer("rank", 64, "rank of the rrr map")
 flags.DEFINE_enum("procrustes_dims", "zero", ["zero", "pca"], "Procrustes with different dims: zero-pad or PCA")
@@ -104,11 +109,6 @@ def extract_all(spec: str, sets: dict, cfg: dict) -> tuple[dict, dict]:
     return feats, {**embedder.info(), "extract": status}
 
 
-# source vs target on the test rows (definitions: linalign_jax.similarity); the shape distances are in radians
-SIMILARITY_MEASURES = ("linear_cka", "linear_cka_debiased", "rbf_cka", "svcca64", "mutual_knn", "cknna", "cycle_knn",
-                       "lcs_knn", "procrustes_angle", "cca_angle64", "rsa_spearman")
-
-
 def map_config_from(cfg: dict):
     from linalign_jax.align.fit import MapConfig
     from linalign_jax.align.optax_map import OptaxMapConfig
@@ -139,11 +139,12 @@ def _run_into(out_dir: Path, cfg: dict, command: str) -> dict:
     from linalign_jax.data.task import load_task_texts
     from linalign_jax.evaluate.settings import Paired, TaskFeatures, run_settings, setting_ids
     from linalign_jax.io_utils import atomic_write_json, atomic_write_text
-    from linalign_jax.similarity import similarity
+    from linalign_jax.similarity import check_measures, similarity
 
     start, cpu_start = time.perf_counter(), time.process_time()
     ids = setting_ids(cfg["settings"], cfg["shots"])  # validates names before any expensive work
     map_config = map_config_from(cfg)
+    check_measures(cfg["similarity_measures"])
     shot_settings = any(s in ("public+id", "few_shot") for s in cfg["settings"])
     data = load_task_texts(  # every input checked before a model loads
         cfg["task_data"], ood_data=cfg["ood_data"],
@@ -188,7 +189,7 @@ def _run_into(out_dir: Path, cfg: dict, command: str) -> dict:
     results = {
         "command": command, "config": cfg, "models": {"source": src_info, "target": tgt_info}, "data": data_info,
         "setting_ids": ids, "settings": settings,
-        "similarity": similarity(src["test"], tgt["test"], SIMILARITY_MEASURES, knn_k=cfg["knn_k"]),
+        "similarity": similarity(src["test"], tgt["test"], cfg["similarity_measures"], knn_k=cfg["knn_k"]),
         "timing": {"extract_s": extract_s, "evaluate_s": time.perf_counter() - eval_start},
     }
     reports.plot_accuracy(results, out_dir / "accuracy.png")
@@ -209,7 +210,8 @@ def config_from_flags() -> dict:
     except ValueError as e:
         raise LinalignError(f"--shots and --seeds take comma-separated ints: {e}") from None
     keys = ("source_model", "target_model", "task_data", "ood_data", "public_data", "pooling", "normalize", "map",
-            "rank", "procrustes_dims", "procrustes_scale", "cv_folds", "ood_knn_k", "per_class_shots", "optax_loss",
+            "rank", "procrustes_dims", "procrustes_scale", "cv_folds", "ood_knn_k", "similarity_measures",
+            "per_class_shots", "optax_loss",
             "optax_optimizer", "optax_lr", "optax_schedule", "optax_epochs", "optax_patience", "optax_batch_size",
             "optax_init", "settings",
             "out_dir", "public_limit", "train_limit", "test_limit", "ood_limit", "max_length", "batch_size", "dtype",

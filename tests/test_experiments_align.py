@@ -67,3 +67,11 @@ def test_main_job_end_to_end_and_interrupted_run(tmp_path):
     assert "40 shots per class requested, but the train split has only 25 rows of class 'opinion'" in failed.stderr
     assert "loading" not in failed.stderr
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_non_finite_optax_hyperparameters_fail_before_any_output(tmp_path):
+    _write(tmp_path)
+    done = _run(tmp_path, "--map=optax", "--optax_lr=nan")
+    assert done.returncode == 2
+    assert "learning_rate must be a finite number" in done.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
