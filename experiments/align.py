@@ -42,19 +42,15 @@ from pathlib import Path
 
 from absl import app, flags
 
-from linalign_jax.errors import LinalignError, exit_on_bad_input
+from linalign_jax import cli
 
 FLAGS = flags.FLAGS
 # source vs target on the test rows (definitions: linalign_jax.similarity); the shape distances are in radians
 SIMILARITY_MEASURES = ("linear_cka", "linear_cka_debiased", "rbf_cka", "svcca64", "mutual_knn", "cknna", "cycle_knn",
                        "lcs_knn", "procrustes_angle", "cca_angle64", "rsa_spearman")
-flags.DEFINE_string("source_model", None, "Party B's model spec (asset name, hub id or local path)")
-flags.DEFINE_string("target_model", None, "Party A's model spec: owns the linear head")
-flags.DEFINE_string("task_data", None, "labelled task dataset spec (train/test)")
-flags.DEFINE_string("ood_data", "", "dataset spec whose test texts are the OOD set ('' = no OOD evaluation)")
-flags.DEFINE_string("public_data", "public", "unlabelled corpus spec for the public / public+id maps")
-flags.DEFINE_enum("pooling", "mean", ["mean", "last", "cls"], "how token states become one embedding")
-flags.DEFINE_bool("normalize", True, "L2-normalise pooled embeddings (what sentence-transformers models output)")
+cli.define_model_flags("source_model", "target_model")
+cli.define_data_flags("task_data", "ood_data", "public_data")
+cli.define_extraction_flags()
 flags.DEFINE_enum("map", "ridge", ["ridge", "optax", "procrustes", "rrr"], "map method")
 flags.DEFINE_string("ridge_lambda", "auto", "ridge λ (> 0), 'auto' (GCV) or 'cv' (k-fold CV); used by ridge and rrr")
 flags.DEFINE_integer("cv_folds", 5, "folds for --ridge_lambda=cv")
@@ -78,34 +74,18 @@ flags.DEFINE_list("shots", ["32", "64", "128"], "labelled task rows for public+i
 flags.DEFINE_bool("per_class_shots", False, "--shots counts rows per class instead of in total")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds (heads, shots, optax maps); at least 3 for the paper's mean ± std")
 flags.DEFINE_string("out_dir", None, "output directory")
-flags.DEFINE_integer("public_limit", 5000, "texts taken from the public corpus (0 = all)")
-flags.DEFINE_integer("train_limit", 0, "stratified subsample of the task train split (0 = all)")
-flags.DEFINE_integer("test_limit", 0, "stratified subsample of the task test split (0 = all)")
-flags.DEFINE_integer("ood_limit", 1000, "texts taken from the OOD dataset's test split (0 = all)")
-flags.DEFINE_integer("max_length", 128, "tokens per text (longer texts are truncated)")
-flags.DEFINE_integer("batch_size", 64, "texts per extraction batch")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model compute dtype")
-flags.DEFINE_integer("data_seed", 0, "seed of the dataset split and subsamples")
-flags.DEFINE_string("feature_cache", None, "feature cache directory (default $LINALIGN_CACHE/features)")
 flags.DEFINE_integer("knn_k", 10, "neighbours of the mutual kNN similarity (1 <= k < test rows)")
-flags.DEFINE_string("text_column", "text", "text column of local / hub datasets")
-flags.DEFINE_string("label_column", "label", "label column of local / hub datasets")
 flags.mark_flags_as_required(["source_model", "target_model", "task_data", "out_dir"])
 
 
 def extract_all(spec: str, sets: dict, cfg: dict) -> tuple[dict, dict]:
     """Features of every text set for one model or embeddings file (cached); returns ({name: array}, model info)."""
-    from linalign_jax.embedders import open_embedder
+    from linalign_jax.embedders import embed_sets, open_embedder
 
     embedder = open_embedder(spec, dtype=cfg["dtype"])
-    feats, status = {}, {}
-    for name, texts in sets.items():
-        spec_key = {"train": "task_data", "test": "task_data"}.get(name, f"{name}_data")
-        fs = embedder.features(texts, pooling=cfg["pooling"], max_length=cfg["max_length"],
-                               normalize=cfg["normalize"], batch_size=cfg["batch_size"],
-                               cache_dir=cfg["feature_cache"], data=f"{cfg[spec_key]} ({name})")
-        feats[name] = fs.array
-        status[name] = {"cache": fs.metadata.get("cache"), "seconds": fs.metadata.get("seconds")}
+    names = {name: f"{cfg[{'train': 'task_data', 'test': 'task_data'}.get(name, name + '_data')]} ({name})"
+             for name in sets}
+    feats, status = embed_sets(embedder, sets, cli.extraction_options(), names)
     return feats, {**embedder.info(), "extract": status}
 
 
@@ -178,7 +158,8 @@ def _run_into(out_dir: Path, cfg: dict, command: str) -> dict:
         save_map(out_dir / "maps" / sid.replace("@", "_"), affine, {
             "source_model": cfg["source_model"], "target_model": cfg["target_model"],
             "source_fingerprint": src_info["fingerprint"], "target_fingerprint": tgt_info["fingerprint"],
-            "pooling": cfg["pooling"], "normalize": cfg["normalize"], "max_length": cfg["max_length"],
+            "pooling": cfg["pooling"], "layer": cfg["layer"], "normalize": cfg["normalize"],
+            "max_length": cfg["max_length"],
             "setting": sid, "fit_data": fit_rows, "data_fingerprint": data_info.get(
                 "task" if sid == "task_map" else "public", {}).get("fingerprint"),
             **{k: v for k, v in info.items() if k not in ("history", "lambda_grid", "gcv")}})
@@ -204,18 +185,13 @@ def config_from_flags() -> dict:
     from linalign_jax.align.ridge import parse_lambda
 
     lam = parse_lambda(FLAGS.ridge_lambda, allow_cv=True)
-    try:
-        shots = [int(s) for s in FLAGS.shots]
-        seeds = [int(s) for s in FLAGS.seeds]
-    except ValueError as e:
-        raise LinalignError(f"--shots and --seeds take comma-separated ints: {e}") from None
+    shots, seeds = cli.int_list("shots"), cli.int_list("seeds")
     keys = ("source_model", "target_model", "task_data", "ood_data", "public_data", "pooling", "normalize", "map",
             "rank", "procrustes_dims", "procrustes_scale", "cv_folds", "ood_knn_k", "similarity_measures",
             "per_class_shots", "optax_loss",
             "optax_optimizer", "optax_lr", "optax_schedule", "optax_epochs", "optax_patience", "optax_batch_size",
-            "optax_init", "settings",
-            "out_dir", "public_limit", "train_limit", "test_limit", "ood_limit", "max_length", "batch_size", "dtype",
-            "data_seed", "feature_cache", "knn_k", "text_column", "label_column")
+            "optax_init", "settings", "out_dir", "public_limit", "train_limit", "test_limit", "ood_limit", "layer",
+            "max_length", "batch_size", "dtype", "data_seed", "feature_cache", "knn_k", "text_column", "label_column")
     return {**{k: FLAGS[k].value for k in keys}, "ridge_lambda": lam, "shots": shots, "seeds": seeds}
 
 
@@ -223,8 +199,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     command = "python -m experiments.align " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with exit_on_bad_input():
-        results = run(config_from_flags(), command)
+    results = run(config_from_flags(), command)
     out = Path(FLAGS.out_dir)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'} in {results['timing']['total_s']:.0f}s",
           file=sys.stderr)
@@ -232,4 +207,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

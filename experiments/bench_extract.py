@@ -35,15 +35,17 @@ from pathlib import Path
 
 from absl import app, flags
 
+from linalign_jax import cli
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "all-MiniLM-L6-v2", "model spec (asset name, hub id, HF directory or .gguf)")
+cli.define_model_flags("model")
+FLAGS.set_default("model", "all-MiniLM-L6-v2")  # the benchmark's default subject
 flags.DEFINE_bool("random_llama8b", False, "benchmark a random-weight Llama-3-8B-shaped model instead of --model")
 flags.DEFINE_integer("random_layers", 32, "layers of the --random_llama8b model (fewer: smoke test)")
 flags.DEFINE_integer("batch", 16, "rows per forward pass")
 flags.DEFINE_integer("length", 128, "tokens per row (all real tokens)")
 flags.DEFINE_integer("n_batches", 5, "timed forward passes per side")
 flags.DEFINE_integer("warmup", 2, "untimed passes first (JAX compiles in the first)")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter / compute dtype on both sides")
 flags.DEFINE_integer("threads", 1, "CPU threads for each side (0 = leave both libraries' defaults)")
 flags.DEFINE_string("torch_python", "", "interpreter with torch + transformers ('' = .venv-oracle if present, "
                     "else this one)")
@@ -135,15 +137,15 @@ def run_torch(ids_path: Path, model_dir, pooling: str) -> dict:
 def run_jax(model, ids, pooling: str) -> dict:
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from linalign_jax import features
-    from linalign_jax.distributed import DATA_AXIS, local_mesh, shard_params
+    from linalign_jax.distributed import data_size, local_mesh, row_sharding, shard_params
+    from linalign_jax.errors import LinalignError
 
     mesh = local_mesh()
-    if ids.shape[0] % mesh.shape[DATA_AXIS]:
-        raise ValueError(f"--batch={ids.shape[0]} must be a multiple of the {mesh.shape[DATA_AXIS]} local devices")
-    rows = NamedSharding(mesh, P(DATA_AXIS, None))
+    if ids.shape[0] % data_size(mesh):
+        raise LinalignError(f"--batch={ids.shape[0]} must be a multiple of the {data_size(mesh)} local devices")
+    rows = row_sharding(mesh)
     params = shard_params(model.params, mesh)
     ids_dev = jax.device_put(ids, rows)
     mask_dev = jax.device_put(np.ones_like(ids), rows)
@@ -272,4 +274,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

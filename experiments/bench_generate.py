@@ -19,14 +19,14 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from absl import app, flags
 
 from experiments.bench_common import hf_directory, load_average, restrict_cpu_threads, timed
-from linalign_jax.errors import LinalignError, exit_on_bad_input
+from linalign_jax import cli
+from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "SmolLM2-135M-Instruct", "the native model, the torch baseline and the hybrid's head")
@@ -116,45 +116,44 @@ def main(argv):
     from linalign_jax.io_utils import atomic_write_json
     from linalign_jax.models import load_model
 
-    with exit_on_bad_input():
-        if FLAGS.new_tokens < 1 or FLAGS.repeats < 1 or FLAGS.batch < 1:
-            raise LinalignError(f"--batch, --new_tokens and --repeats must be >= 1, got {FLAGS.batch}, "
-                                f"{FLAGS.new_tokens}, {FLAGS.repeats}")
-        texts = prompts(FLAGS.batch)
-        tokens = FLAGS.batch * FLAGS.new_tokens
-        model = load_model(FLAGS.model, dtype=FLAGS.dtype)
-        loads = {"start": load_average()}
+    if FLAGS.new_tokens < 1 or FLAGS.repeats < 1 or FLAGS.batch < 1:
+        raise LinalignError(f"--batch, --new_tokens and --repeats must be >= 1, got {FLAGS.batch}, "
+                            f"{FLAGS.new_tokens}, {FLAGS.repeats}")
+    texts = prompts(FLAGS.batch)
+    tokens = FLAGS.batch * FLAGS.new_tokens
+    model = load_model(FLAGS.model, dtype=FLAGS.dtype)
+    loads = {"start": load_average()}
 
-        def native():
-            return generate_batch(model, texts, max_new_tokens=FLAGS.new_tokens, eos_ids=(), batch_size=FLAGS.batch)
+    def native():
+        return generate_batch(model, texts, max_new_tokens=FLAGS.new_tokens, eos_ids=(), batch_size=FLAGS.batch)
 
-        ours = native()  # warm-up: compiles every shape
-        agreement = None
-        result = {"native": rates(timed(native, FLAGS.repeats), tokens)}
-        loads["native"] = load_average()
-        ids, mask = padded_ids(model, texts)
-        result["torch"] = run_torch(hf_directory(FLAGS.model), ids, mask)
-        loads["torch"] = load_average()
-        if "seconds" in result["torch"]:
-            torch_side = result["torch"]
-            theirs = torch_side.pop("new_ids")
-            result["torch"] = rates({**torch_side, "median_seconds": statistics.median(torch_side["seconds"]),
-                                     "median_cpu_seconds": statistics.median(torch_side["cpu_seconds"])}, tokens)
-            agreement = sum(a == b for r, t in zip(ours, theirs) for a, b in zip(r.token_ids, t)) / tokens
-        if FLAGS.source_model:
-            source = load_model(FLAGS.source_model, dtype=FLAGS.dtype)
-            if FLAGS.map_dir:
-                affine, _ = load_pair_map(FLAGS.map_dir, source, model)
-            else:
-                affine, _ = fit_token_map(source, model, load_texts("public", limit=FLAGS.fit_texts))
-            pair = HybridPair(source, model, affine)
+    ours = native()  # warm-up: compiles every shape
+    agreement = None
+    result = {"native": rates(timed(native, FLAGS.repeats), tokens)}
+    loads["native"] = load_average()
+    ids, mask = padded_ids(model, texts)
+    result["torch"] = run_torch(hf_directory(FLAGS.model), ids, mask)
+    loads["torch"] = load_average()
+    if "seconds" in result["torch"]:
+        torch_side = result["torch"]
+        theirs = torch_side.pop("new_ids")
+        result["torch"] = rates({**torch_side, "median_seconds": statistics.median(torch_side["seconds"]),
+                                 "median_cpu_seconds": statistics.median(torch_side["cpu_seconds"])}, tokens)
+        agreement = sum(a == b for r, t in zip(ours, theirs) for a, b in zip(r.token_ids, t)) / tokens
+    if FLAGS.source_model:
+        source = load_model(FLAGS.source_model, dtype=FLAGS.dtype)
+        if FLAGS.map_dir:
+            affine, _ = load_pair_map(FLAGS.map_dir, source, model)
+        else:
+            affine, _ = fit_token_map(source, model, load_texts("public", limit=FLAGS.fit_texts))
+        pair = HybridPair(source, model, affine)
 
-            def hybrid():
-                return pair.generate_batch(texts, max_new_tokens=FLAGS.new_tokens, eos_ids=(), batch_size=FLAGS.batch)
+        def hybrid():
+            return pair.generate_batch(texts, max_new_tokens=FLAGS.new_tokens, eos_ids=(), batch_size=FLAGS.batch)
 
-            rollbacks = sum(r.stats["rollbacks"] for r in hybrid())
-            result["hybrid"] = {**rates(timed(hybrid, FLAGS.repeats), tokens), "rollbacks_per_run": rollbacks}
-            loads["hybrid"] = load_average()
+        rollbacks = sum(r.stats["rollbacks"] for r in hybrid())
+        result["hybrid"] = {**rates(timed(hybrid, FLAGS.repeats), tokens), "rollbacks_per_run": rollbacks}
+        loads["hybrid"] = load_average()
 
     report = {"model": FLAGS.model, "source_model": FLAGS.source_model, "batch": FLAGS.batch,
               "new_tokens": FLAGS.new_tokens, "repeats": FLAGS.repeats, "threads": FLAGS.threads, "dtype": FLAGS.dtype,
@@ -191,4 +190,4 @@ def markdown(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

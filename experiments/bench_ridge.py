@@ -22,9 +22,10 @@ import platform
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments.bench_common import measured_peak_tflops
+from linalign_jax import cli
 from linalign_jax.align.ridge import accumulate_stats, iterate_batches, solve_ridge
 from linalign_jax.io_utils import atomic_write_json
 
@@ -126,4 +127,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from linalign_jax.errors import exit_on_bad_input
+from linalign_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dump", None, "JSONL or parquet file with one embedding per text")
@@ -34,12 +34,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from linalign_jax.precomputed import convert_dump
 
-    with exit_on_bad_input():
-        summary = convert_dump(FLAGS.dump, FLAGS.out, FLAGS.model, texts=FLAGS.texts, text_field=FLAGS.text_field,
-                               vector_field=FLAGS.vector_field, id_field=FLAGS.id_field)
+    summary = convert_dump(FLAGS.dump, FLAGS.out, FLAGS.model, texts=FLAGS.texts, text_field=FLAGS.text_field,
+                           vector_field=FLAGS.vector_field, id_field=FLAGS.id_field)
     print(f"wrote {summary['out']}: {summary['rows']} texts × {summary['dim']} dims of {summary['model']}",
           file=sys.stderr)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

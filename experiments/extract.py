@@ -28,24 +28,17 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from linalign_jax.errors import LinalignError, exit_on_bad_input
+from linalign_jax import cli
+from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "model spec: asset name, hub id, HF directory, .gguf or embeddings .parquet")
-flags.DEFINE_string("data", None, "dataset spec: registry name, local file/directory or hub id")
+cli.define_model_flags("model")
+cli.define_data_flags("data")
+cli.define_extraction_flags()
 flags.DEFINE_enum("split", "all", ["all", "train", "test"], "all rows, or the train / test split of a labelled "
                   "dataset")
-flags.DEFINE_enum("pooling", "mean", ["mean", "last", "cls"], "how token states become one vector per text")
-flags.DEFINE_integer("layer", -1, "-1: final hidden state (after the final norm); i: hidden_states[i]")
-flags.DEFINE_integer("max_length", 128, "tokens per text; longer texts are truncated and counted")
-flags.DEFINE_integer("batch_size", 64, "texts per forward pass")
-flags.DEFINE_bool("normalize", False, "L2-normalise each feature vector")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "parameter / compute dtype")
-flags.DEFINE_integer("limit", 0, "keep the first N texts (0 = all)")
-flags.DEFINE_bool("cache", True, "read / write the feature cache ($LINALIGN_CACHE/features)")
+flags.DEFINE_bool("cache", True, "read / write the feature cache (--feature_cache, default $LINALIGN_CACHE/features)")
 flags.DEFINE_string("out", None, "output .npy path; rows, labels and metadata go next to it")
-flags.DEFINE_string("text_column", "text", "text column of a local / hub dataset")
-flags.DEFINE_string("label_column", "label", "label column of a local / hub dataset")
 flags.mark_flags_as_required(["model", "data", "out"])
 
 def run(command: str) -> dict:
@@ -66,9 +59,8 @@ def run(command: str) -> dict:
           f"{kept}", file=sys.stderr, flush=True)
     embedder = open_embedder(FLAGS.model, dtype=FLAGS.dtype)
     data_fingerprint = fingerprint(texts)
-    result = embedder.features(texts, data_fingerprint, pooling=FLAGS.pooling, layer=FLAGS.layer,
-                               max_length=FLAGS.max_length, normalize=FLAGS.normalize, batch_size=FLAGS.batch_size,
-                               cache=FLAGS.cache, data=FLAGS.data)
+    result = embedder.features(texts, data_fingerprint, cache=FLAGS.cache, data=FLAGS.data,
+                               **cli.extraction_options().cache_kwargs())
 
     def beside(kind: str) -> Path:  # FILE.npy -> FILE<kind>.npy
         return out.with_name(out.name[:-len(".npy")] + kind + ".npy")
@@ -91,8 +83,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     command = "python -m experiments.extract " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     start = time.perf_counter()
-    with exit_on_bad_input():
-        meta = run(command)
+    meta = run(command)
     truncated = f"{meta['truncated']} of {meta['n_texts']} texts truncated at {meta['max_length']} tokens; " \
         if meta.get("max_length") else ""
     print(f"wrote {tuple(meta['shape'])} to {', '.join(meta['files'])} (+ .json): {truncated}cache "
@@ -100,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -35,12 +35,13 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
+from linalign_jax import cli
 from linalign_jax.align.ridge import parse_lambda
-from linalign_jax.errors import LinalignError, exit_on_bad_input
+from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("source_model", None, "model whose body reads the text (asset name, hub id or local path)")
-flags.DEFINE_string("target_model", None, "model whose frozen LM head writes the text")
+cli.define_model_flags("source_model", "target_model")
+cli.define_extraction_flags(pooled=False)
 flags.DEFINE_bool("both_directions", False, "also run target body → source head (models load once)")
 flags.DEFINE_string("map_dir", "", "use this saved map (one direction) instead of fitting one")
 flags.DEFINE_string("fit_data", "public", "text spec for fitting the map (load_texts: public, .txt, table, hub id)")
@@ -49,15 +50,12 @@ flags.DEFINE_string("heldout_data", "", "text spec for held-out scoring ('' = th
 flags.DEFINE_integer("heldout_texts", 40, "held-out texts for next-token metrics and tokenizer compatibility")
 flags.DEFINE_integer("heldout_tokens", 48, "target tokens scored per held-out text (at most)")
 flags.DEFINE_string("ridge_lambda", "1e-4", "ridge λ (> 0; the paper uses 1e-4) or 'auto' (GCV)")
-flags.DEFINE_integer("max_length", 96, "tokens per fitting text (longer ones are truncated and counted)")
-flags.DEFINE_integer("batch_size", 16, "texts per extraction batch")
 flags.DEFINE_multi_string("prompt", ["The capital of France is"], "prompt for sample outputs (repeatable)")
 flags.DEFINE_integer("max_new_tokens", 32, "tokens generated per sample")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy (the paper)")
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
 flags.DEFINE_integer("seed", 0, "PRNG seed for sampling and for shuffling the public corpus")
 flags.DEFINE_multi_string("stop", [], "stop string (repeatable)")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model weights and activations")
 flags.DEFINE_string("out_dir", None, "output directory")
 flags.mark_flags_as_required(["source_model", "target_model", "out_dir"])
 
@@ -209,12 +207,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     command = "python -m experiments.generate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with exit_on_bad_input():
-        results = run(config_from_flags(), command)
+    results = run(config_from_flags(), command)
     print(f"wrote {FLAGS.out_dir}/results.json in {results['timing']['total_s']:.0f}s "
           f"(CPU {results['timing']['cpu_s']:.0f}s)", file=sys.stderr)
     print(results_markdown(results))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

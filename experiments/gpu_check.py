@@ -15,7 +15,7 @@ a subset, e.g. to redo one that failed):
                                Checked against the same fit in float64 with torch on the GPU (error of W). Rows
                                stream from a pool of 4 distinct chunks (generating 32 GB of random rows would
                                dominate the run), so the rows repeat; throughput is unaffected.
-  optax                        the optax map (4096 -> 4096, Adam, batch 4096) via `distributed.fit`; train
+  optax                        the optax map (4096 -> 4096, Adam, batch 4096) via `align.distributed`; train
                                samples/s from two runs of 2 and 52 epochs (compile and transfer time cancel),
                                and the 52-epoch run's samples/s including them.
 Needs only jax, flax, optax, numpy, absl, safetensors, tokenizers (+ torch and transformers for the PyTorch rows).
@@ -43,6 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from linalign_jax import cli  # noqa: E402
 from linalign_jax.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +185,7 @@ def torch_ridge_float64(chunks, lam: float) -> tuple[np.ndarray, float]:
 
 def optax_train(size: Dict[str, Any]) -> Dict:
     from linalign_jax.align.optax_map import OptaxMapConfig
-    from linalign_jax.distributed import fit
+    from linalign_jax.align import distributed as fit
 
     d, rows = size["optax_dim"], size["optax_rows"]
     key = jax.random.PRNGKey(2)
@@ -301,4 +302,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -11,7 +11,7 @@ TPU pod slice (see README "Scale-out").
 column, or the train split of a dataset spec). Each process extracts its contiguous slice of the texts on its own
 devices (weights split over --model_axis_size of them, batches over the rest) through the feature cache, and writes
 DIR/features/{source,target}/shard-*.npy; process 0 adds manifest.json once every shard exists. The map is fitted
-from the per-process rows (`linalign_jax.distributed.fit`) and process 0 writes it to DIR/map (map.safetensors +
+from the per-process rows (`linalign_jax.align.distributed`) and process 0 writes it to DIR/map (map.safetensors +
 map.json). DIR must be on a filesystem every process sees.
 """
 from __future__ import annotations
@@ -23,35 +23,28 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from linalign_jax import distributed
-from linalign_jax.errors import LinalignError, exit_on_bad_input
+from linalign_jax import cli, distributed
+from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("source_model", None, "source model spec (asset name, hub id, HF directory or .gguf file)")
-flags.DEFINE_string("target_model", None, "target model spec: the map predicts its features")
-flags.DEFINE_string("data", None, "texts to fit on: public, a .txt file, a table or a dataset spec (train split)")
-flags.DEFINE_integer("limit", 0, "keep the first N texts (0 = all)")
+cli.define_model_flags("source_model", "target_model")
+cli.define_data_flags("data")
+cli.define_extraction_flags()
+cli.define_distributed_flags()
 flags.DEFINE_enum("map", "ridge", ["ridge", "optax"], "map method")
 flags.DEFINE_string("ridge_lambda", "auto", "ridge λ (> 0) or 'auto' (GCV)")
 flags.DEFINE_integer("seed", 0, "PRNG seed of the optax map")
-flags.DEFINE_enum("pooling", "mean", ["mean", "last", "cls"], "how token states become one vector per text")
-flags.DEFINE_integer("max_length", 128, "tokens per text; longer texts are truncated and counted")
-flags.DEFINE_integer("batch_size", 64, "texts per forward pass per process")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model compute dtype")
-flags.DEFINE_integer("model_axis_size", 1, "devices per process that split each model's weights (FSDP); the "
-                     "rest split the batch")
-flags.DEFINE_string("feature_cache", None, "feature cache directory (default $LINALIGN_CACHE/features)")
 flags.DEFINE_string("out_dir", None, "output directory, shared by all processes")
 flags.mark_flags_as_required(["source_model", "target_model", "data", "out_dir"])
-distributed.define_flags()
 
 
 def run() -> dict:
+    from linalign_jax.align import distributed as fit
     from linalign_jax.align.maps import save_map
     from linalign_jax.align.optax_map import OptaxMapConfig
     from linalign_jax.align.ridge import parse_lambda
     from linalign_jax.data import fingerprint, load_texts
-    from linalign_jax.distributed import extract, fit
+    from linalign_jax.feature_shards import extract_to_shards
     from linalign_jax.models import load_model
 
     if FLAGS.limit < 0:
@@ -60,14 +53,13 @@ def run() -> dict:
     out_dir = Path(FLAGS.out_dir)
     texts = load_texts(FLAGS.data, limit=FLAGS.limit or None)
     data_fingerprint = fingerprint(texts)
-    settings = dict(pooling=FLAGS.pooling, max_length=FLAGS.max_length, batch_size=FLAGS.batch_size,
-                    mesh=distributed.local_mesh(FLAGS.model_axis_size))
+    options = cli.extraction_options()
+    mesh = distributed.local_mesh(FLAGS.model_axis_size)
     rows, models = {}, {}
     for side, spec in (("source", FLAGS.source_model), ("target", FLAGS.target_model)):
         model = load_model(spec, dtype=FLAGS.dtype)
-        _, rows[side] = extract.extract_to_shards(model, texts, out_dir / "features" / side,
-                                                  data_fingerprint=data_fingerprint, cache_dir=FLAGS.feature_cache,
-                                                  **settings)
+        _, rows[side] = extract_to_shards(model, texts, out_dir / "features" / side,
+                                          data_fingerprint=data_fingerprint, mesh=mesh, **options.cache_kwargs())
         models[side] = {"spec": spec, "fingerprint": model.fingerprint}
         del model
     if FLAGS.map == "ridge":
@@ -77,8 +69,8 @@ def run() -> dict:
                                          OptaxMapConfig())
     metadata = {"source_model": models["source"]["spec"], "target_model": models["target"]["spec"],
                 "source_fingerprint": models["source"]["fingerprint"],
-                "target_fingerprint": models["target"]["fingerprint"], "pooling": FLAGS.pooling,
-                "max_length": FLAGS.max_length, "data_spec": FLAGS.data, "data_fingerprint": data_fingerprint,
+                "target_fingerprint": models["target"]["fingerprint"], "pooling": options.pooling,
+                "normalize": options.normalize, "max_length": options.max_length, "data_spec": FLAGS.data, "data_fingerprint": data_fingerprint,
                 "n_texts": len(texts), "processes": jax.process_count(), "devices": jax.device_count(),
                 **{k: v for k, v in info.items() if k not in ("history", "lambda_grid", "gcv")}}
     if jax.process_index() == 0:
@@ -91,9 +83,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     start = time.perf_counter()
-    with exit_on_bad_input():
-        distributed.initialize_from_flags()
-        meta = run()
+    cli.initialize_distributed()
+    meta = run()
     if jax.process_index() == 0:
         print(f"wrote {Path(FLAGS.out_dir) / 'map'}: {meta['method']} map {meta['source_model']} -> "
               f"{meta['target_model']} from {meta['n_texts']} texts on {meta['processes']} processes / "
@@ -101,4 +92,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

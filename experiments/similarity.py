@@ -20,28 +20,23 @@ from pathlib import Path
 
 from absl import app, flags
 
-from linalign_jax.errors import LinalignError, exit_on_bad_input
+from linalign_jax import cli
+from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", None, "model specs, comma-separated (at least 2)")
-flags.DEFINE_string("data", "public", "text spec")
-flags.DEFINE_integer("limit", 1000, "number of texts (0 = all)")
-flags.DEFINE_enum("pooling", "mean", ["mean", "last", "cls"], "pooling of token states")
-flags.DEFINE_bool("normalize", False, "L2-normalise pooled embeddings first (sentence-transformers' own output)")
+cli.define_model_flags(list_flag="models")
+cli.define_data_flags("data")
+cli.define_extraction_flags()
 flags.DEFINE_list("measures", ["linear_cka", "linear_cka_debiased", "rbf_cka", "svcca64", "svcca128", "mutual_knn"],
                   "similarity measures (linalign_jax.similarity.MEASURES; svcca<dims>, cca_angle<dims>, "
                   "partial_whitening<alpha>[_<dims>] take any value)")
 flags.DEFINE_enum("convention", "project", ["project", "platonic"], "preprocessing before every measure: as given, "
                   "or platonic-rep's (clip at the 0.95 quantile of |x|, L2-normalise; RBF σ=1)")
 flags.DEFINE_integer("n_permutations", 100, "random row pairings of the permutation null (z-scores)")
-flags.DEFINE_integer("max_length", 64, "tokens per text")
-flags.DEFINE_integer("batch_size", 32, "texts per extraction batch")
-flags.DEFINE_integer("seed", 0, "seed of the text sample and the mutual-kNN permutations")
-flags.DEFINE_string("feature_cache", None, "feature cache directory (default $LINALIGN_CACHE/features)")
+flags.DEFINE_integer("seed", 0, "seed of the mutual-kNN permutations")
 flags.DEFINE_string("out_dir", None, "output directory")
 flags.DEFINE_integer("knn_k", 10, "neighbours of the mutual kNN measure (1 <= k < --limit)")
-flags.DEFINE_string("text_column", "text", "text column of a local / hub dataset")
-flags.mark_flags_as_required(["models", "out_dir"])
+flags.mark_flags_as_required(["models", "data", "out_dir"])
 
 
 def run(command: str) -> dict:
@@ -55,7 +50,7 @@ def run(command: str) -> dict:
     check_measures(FLAGS.measures)
     checks.check_limits(limit=FLAGS.limit)
     check_outside(FLAGS.out_dir, feature_cache=FLAGS.feature_cache, data=FLAGS.data)
-    texts = load_texts(FLAGS.data, limit=FLAGS.limit or None, seed=FLAGS.seed, text_column=FLAGS.text_column)
+    texts = load_texts(FLAGS.data, limit=FLAGS.limit or None, seed=FLAGS.data_seed, text_column=FLAGS.text_column)
     checks.check_rows(FLAGS.data, len(texts), 4, "similarity", "raise --limit or give more texts")
     if set(KNN_MEASURES) & set(FLAGS.measures):
         checks.check_knn(FLAGS.knn_k, len(texts), f"({FLAGS.data}, --limit={FLAGS.limit})",
@@ -76,10 +71,8 @@ def _run_into(out_dir: Path, texts: list, data_fp: str, command: str) -> dict:
     start = time.perf_counter()
     features, models = {}, []
     for spec in FLAGS.models:
-        embedder = open_embedder(spec)
-        fs = embedder.features(texts, data_fp, pooling=FLAGS.pooling, max_length=FLAGS.max_length,
-                               normalize=FLAGS.normalize, batch_size=FLAGS.batch_size, cache_dir=FLAGS.feature_cache,
-                               data=FLAGS.data)
+        embedder = open_embedder(spec, dtype=FLAGS.dtype)
+        fs = embedder.features(texts, data_fp, data=FLAGS.data, **cli.extraction_options().cache_kwargs())
         features[spec] = fs.array
         models.append({**embedder.info(), "cache": fs.metadata.get("cache")})
         del embedder
@@ -95,8 +88,8 @@ def _run_into(out_dir: Path, texts: list, data_fp: str, command: str) -> dict:
     result = {"command": command, "models": models, "data": {"spec": FLAGS.data, "n": len(texts),
                                                              "fingerprint": data_fp},
               "config": {"pooling": FLAGS.pooling, "normalize": FLAGS.normalize, "max_length": FLAGS.max_length,
-                         "measures": FLAGS.measures, "seed": FLAGS.seed, "knn_k": FLAGS.knn_k,
-                         "convention": FLAGS.convention, "n_permutations": FLAGS.n_permutations},
+                         "measures": FLAGS.measures, "seed": FLAGS.seed, "data_seed": FLAGS.data_seed,
+                         "knn_k": FLAGS.knn_k, "convention": FLAGS.convention, "n_permutations": FLAGS.n_permutations},
               "matrices": {k: np.asarray(v).tolist() for k, v in mats.items()},
               "timing": {"total_s": time.perf_counter() - start}}
     atomic_write_json(out_dir / "similarity.json", result)
@@ -107,10 +100,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     command = "python -m experiments.similarity " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with exit_on_bad_input():
-        run(command)
+    run(command)
     print((Path(FLAGS.out_dir) / "similarity.md").read_text())
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -4,6 +4,7 @@ through the feature cache) or a precomputed embeddings file (`linalign_jax.preco
     embedder = open_embedder(spec, dtype="float32")
     features = embedder.features(texts, pooling="mean", max_length=128, normalize=True, batch_size=64)
     embedder.info()   # {"spec", "fingerprint", "family", "dim"} for results and map metadata
+    arrays, status = embed_sets(embedder, {"train": texts, ...}, options)   # every named set, cached
 
 A precomputed file ignores pooling, layer, max_length and batch_size (its vectors are already pooled) and applies
 `normalize` itself; its fingerprint names the model and dim, so a map fitted on one file's rows checks against
@@ -13,11 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from linalign_jax.features import FeatureSet
+from linalign_jax.features import ExtractOptions, FeatureSet
 from linalign_jax.precomputed import EmbeddingsFile, is_embeddings_spec, read_embeddings
 
 
@@ -68,3 +69,15 @@ def open_embedder(spec: str, dtype: str = "float32", expect_dim: Optional[int] =
     model = load_model(spec, dtype=dtype)
     return Embedder(spec=str(spec), fingerprint=model.fingerprint, family=model.family,
                     dim=int(model.hidden_size), model=model)
+
+
+def embed_sets(embedder: Embedder, sets: Mapping[str, Sequence[str]], options: ExtractOptions = ExtractOptions(),
+               names: Optional[Mapping[str, str]] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, Dict[str, Any]]]:
+    """Features of every named text set ({name: [N, dim] array}, cached per set) and per set its cache status and
+    extraction time; `names` (set -> e.g. "trec (train)") names a set in errors."""
+    arrays, status = {}, {}
+    for name, texts in sets.items():
+        result = embedder.features(texts, data=(names or {}).get(name, name), **options.cache_kwargs())
+        arrays[name] = result.array
+        status[name] = {"cache": result.metadata.get("cache"), "seconds": result.metadata.get("seconds")}
+    return arrays, status

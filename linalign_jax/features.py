@@ -36,19 +36,34 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from linalign_jax.assets import cache_root
-from linalign_jax.distributed import DATA_AXIS, local_mesh, shard_params
+from linalign_jax.distributed import data_size, local_mesh, round_up, row_sharding, shard_params
 from linalign_jax.errors import LinalignError
-from linalign_jax.io_utils import Progress, atomic_path, atomic_write_json, sha256_bytes, sha256_file
+from linalign_jax.io_utils import Progress, atomic_path, atomic_write_json, cache_root, sha256_bytes, sha256_file
 from linalign_jax.models.base import LoadedModel
+from linalign_jax.shapes import MIN_SEQUENCE, bucket
 
 log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "last", "cls", "tokens")
-MIN_BUCKET = 16
 CACHE_FORMAT = 1  # bump when the meaning of a cached array changes
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractOptions:
+    """How texts become pooled features, and where they are cached: THE defaults of every binary's extraction flags
+    (`cli.define_extraction_flags`). All but `batch_size` and `cache_dir` are part of the feature-cache key."""
+
+    pooling: str = "mean"
+    layer: int = -1
+    max_length: int = 128
+    normalize: bool = True
+    batch_size: int = 64
+    cache_dir: Optional[str] = None
+
+    def cache_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments of `cached_features`."""
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass
@@ -158,14 +173,9 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> Tokenized:
                      truncated=np.asarray([bool(e.overflowing) for e in encodings]))
 
 
-def length_bucket(length: int, max_length: int) -> int:
-    """Smallest power of two >= length (at least MIN_BUCKET), capped at max_length."""
-    return min(max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length()), max_length)
-
-
 def num_states(model: LoadedModel) -> int:
     """len(hidden_states) of the model (embeddings + layers), from shapes only."""
-    ids = jax.ShapeDtypeStruct((1, MIN_BUCKET), jnp.int32)
+    ids = jax.ShapeDtypeStruct((1, MIN_SEQUENCE), jnp.int32)
     out = jax.eval_shape(lambda p, i, m: model.forward(p, i, m, True), model.params, ids, ids)
     return len(out.hidden_states)
 
@@ -202,9 +212,8 @@ def extract_features(model: LoadedModel, texts: Sequence[str], *, pooling: str =
         log.warning("%s: %d of %d texts exceed max_length=%d tokens and were truncated", model.spec, n_truncated,
                     len(texts), max_length)
     mesh = mesh if mesh is not None else local_mesh()
-    data_shards = mesh.shape[DATA_AXIS]
-    rows = -(-min(batch_size, len(texts)) // data_shards) * data_shards
-    batch_sharding = NamedSharding(mesh, P(DATA_AXIS, None))
+    rows = round_up(min(batch_size, len(texts)), data_size(mesh))
+    batch_sharding = row_sharding(mesh)
     params = shard_params(model.params, mesh)
     step = pooled_forward(model.forward_fn, pooling, layer, normalize)
 
@@ -216,7 +225,7 @@ def extract_features(model: LoadedModel, texts: Sequence[str], *, pooling: str =
     pending = None
     for begin in range(0, len(texts), rows):
         index = order[begin:begin + rows]
-        width = length_bucket(int(lengths[index].max()), max_length)
+        width = bucket(int(lengths[index].max()), MIN_SEQUENCE, max_length)
         shapes.add((rows, width))
         ids, mask = _pad_batch([tokens.ids[i] for i in index], rows, width, model.pad_token_id, padding_side)
         out = step(params, jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding))

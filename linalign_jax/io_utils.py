@@ -1,4 +1,4 @@
-"""Atomic file writes, hashing and progress output shared by every stage.
+"""Atomic file writes, hashing, the cache root and progress output shared by every stage.
 
 Every artefact (cache entry, map, results file) is written to a temporary sibling and renamed into place, so an
 interrupted run never leaves a file that looks complete.
@@ -17,6 +17,14 @@ from pathlib import Path
 
 from linalign_jax.errors import LinalignError
 from typing import Any, Iterator
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """THE directory every cache lives under (assets, features, GGUF materialisations, hash memos): `cache_dir` if
+    given, else $LINALIGN_CACHE (empty counts as unset), else ~/.cache/linalign_jax."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("LINALIGN_CACHE") or "~/.cache/linalign_jax").expanduser()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -19,9 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from any directory
     sys.path.insert(0, str(REPO))
 
-from linalign_jax import distributed  # noqa: E402
+from linalign_jax import cli, distributed, feature_shards as extract  # noqa: E402
+from linalign_jax.align import distributed as fit  # noqa: E402
 from linalign_jax.align.optax_map import OptaxMapConfig  # noqa: E402
-from linalign_jax.distributed import extract, fit  # noqa: E402
 from linalign_jax.errors import LinalignError  # noqa: E402
 from linalign_jax.models import load_model  # noqa: E402
 
@@ -110,7 +110,7 @@ def run_stages(out_dir: Path, model_axis_size: int = 1) -> dict[str, np.ndarray]
 def main(argv):
     from absl import flags
 
-    distributed.initialize_from_flags()
+    cli.initialize_distributed()
     results = run_stages(Path(flags.FLAGS.out), model_axis_size=flags.FLAGS.model_axis_size)
     distributed.barrier("worker-done")
     if jax.process_index() == 0:
@@ -120,7 +120,6 @@ def main(argv):
 if __name__ == "__main__":
     from absl import app, flags
 
-    distributed.define_flags()
+    cli.define_distributed_flags()  # includes --model_axis_size (of the sharded matmul and extraction here)
     flags.DEFINE_string("out", None, "Directory for result.npz.", required=True)
-    flags.DEFINE_integer("model_axis_size", 1, "Size of the mesh's model axis for the sharded matmul.")
     app.run(main)

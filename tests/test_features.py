@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from linalign_jax import features
+from linalign_jax import features, shapes
 from linalign_jax.errors import LinalignError
 from linalign_jax.models import load_model
 
@@ -69,7 +69,7 @@ def test_pool_of_a_filler_row_is_finite():
 
 @pytest.mark.parametrize("length, bucket", [(1, 16), (16, 16), (17, 32), (100, 128), (129, 200), (500, 200)])
 def test_length_buckets_are_powers_of_two_capped(length, bucket):
-    assert features.length_bucket(length, max_length=200) == bucket
+    assert shapes.bucket(length, shapes.MIN_SEQUENCE, maximum=200) == bucket
 
 
 # --------------------------------------------------------------------------------------------------- extraction

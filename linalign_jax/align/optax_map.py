@@ -32,8 +32,8 @@ import numpy as np
 import optax
 
 from linalign_jax.align.maps import AffineMap
-from linalign_jax.align.mesh import data_mesh, data_size, replicated, row_sharding
 from linalign_jax.align.ridge import _check_pair, fit_ridge
+from linalign_jax.distributed import data_mesh, data_size, replicated, row_sharding
 from linalign_jax.errors import LinalignError
 from linalign_jax.io_utils import Progress
 

@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from linalign_jax.align.maps import AffineMap
-from linalign_jax.align.mesh import data_mesh, data_size, replicated, row_sharding
-from linalign_jax.distributed.sharding import pad_rows
+from linalign_jax.distributed import data_mesh, data_size, pad_rows, replicated, row_sharding
 from linalign_jax.errors import LinalignError
 from linalign_jax.io_utils import Progress
 
@@ -43,7 +42,7 @@ class RidgeStats:
     """Sums over n rows of (x − shift_x) and (y − shift_y), float64 host arrays.
 
     A pytree of host arrays, so processes can exchange it as is; `merge_stats` combines any two, whatever their shifts
-    (`linalign_jax.distributed.fit` reduces them across processes that way).
+    (`linalign_jax.align.distributed` reduces them across processes that way).
     """
 
     n: float

@@ -27,16 +27,10 @@ from typing import BinaryIO, Dict, Iterable, Iterator, Optional
 from linalign_jax.assets import registry
 from linalign_jax.assets.registry import Asset, Concat, ExtractTree, JoinZip, Wheel
 from linalign_jax.errors import LinalignError
-from linalign_jax.io_utils import Progress, atomic_path, sha256_file
+from linalign_jax.io_utils import Progress, atomic_path, cache_root, sha256_file
 
 MANIFEST_NAME = ".linalign-asset.json"
 _CHUNK = 1 << 20
-
-
-def cache_root(cache_dir: Optional[os.PathLike] = None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("LINALIGN_CACHE") or "~/.cache/linalign_jax").expanduser()
 
 
 def fetch(name: str, cache_dir: Optional[os.PathLike] = None) -> Path:

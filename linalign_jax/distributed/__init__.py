@@ -1,20 +1,24 @@
-"""Scale-out on JAX's own distributed runtime: one code path for one CPU, one GPU, many devices and many hosts.
+"""The parallel runtime, a leaf every stage builds on (it imports nothing of linalign_jax but `errors`): one code path
+for one CPU, one GPU, many devices and many hosts.
 
-    runtime   initialize() from flags/env (no-op in one process), global_mesh()/local_mesh() with axes
-              ("data", "model"), process_slice(), barrier(), exact host gathers
+    runtime   initialize() (no-op in one process), process_slice(), barrier(), exact host gathers
+    mesh      THE ("data", "model") mesh: global_mesh() / local_mesh() / data_mesh(), row shardings, row padding
     sharding  parameter sharding by regex rules with an FSDP fallback over "model"; host rows -> global arrays
-    extract   each process extracts its slice; per-process shards + one manifest (imported on demand)
-    fit       ridge statistics and optax map training reduced over every process (imported on demand)
+
+The multi-process wrappers live with the stage they serve: `linalign_jax.feature_shards` (each process extracts its
+slice, shards + manifest) and `linalign_jax.align.distributed` (ridge / optax fits reduced over every process).
 """
-from linalign_jax.distributed.runtime import (DATA_AXIS, MODEL_AXIS, barrier, define_flags, detected_cluster,
-                                              global_mesh, initialize, initialize_from_flags, local_mesh,
-                                              process_allgather_rows, process_slice, process_stack,
-                                              to_host)
+from linalign_jax.distributed.mesh import (DATA_AXIS, MODEL_AXIS, data_mesh, data_size, global_mesh, local_mesh,
+                                           pad_rows, replicated, round_up, row_sharding)
+from linalign_jax.distributed.runtime import (MODES, barrier, detected_cluster, initialize, process_allgather_rows,
+                                              process_slice, process_stack, to_host)
 from linalign_jax.distributed.sharding import (FSDP_MIN_SIZE, TRANSFORMER_RULES, host_local_to_global,
                                                param_path, partition_specs, shard_params)
 
 __all__ = [
-    "DATA_AXIS", "MODEL_AXIS", "barrier", "define_flags", "detected_cluster", "global_mesh", "initialize",
-    "initialize_from_flags", "local_mesh", "process_allgather_rows", "process_slice", "process_stack", "to_host",
+    "DATA_AXIS", "MODEL_AXIS", "data_mesh", "data_size", "global_mesh", "local_mesh", "pad_rows", "replicated",
+    "round_up", "row_sharding",
+    "MODES", "barrier", "detected_cluster", "initialize", "process_allgather_rows", "process_slice", "process_stack",
+    "to_host",
     "FSDP_MIN_SIZE", "TRANSFORMER_RULES", "host_local_to_global", "param_path", "partition_specs", "shard_params",
 ]

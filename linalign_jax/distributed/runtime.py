@@ -1,8 +1,9 @@
-"""JAX's multi-process runtime, the global device mesh, and exact cross-process collectives on host data.
+"""JAX's multi-process runtime and exact cross-process collectives on host data.
 
 One code path serves one CPU, one GPU, many local devices and many hosts: every binary calls `initialize()` (a no-op
-in a single process), builds `global_mesh()` and lets `jax.jit` + `NamedSharding` place the work. There is no launcher
-of our own: processes are started by SLURM, a TPU pod's `--worker=all`, or by hand with explicit flags.
+in a single process; `cli.initialize_distributed()` reads its arguments from flags), builds a mesh (`mesh.py`) and
+lets `jax.jit` + `NamedSharding` place the work. There is no launcher of our own: processes are started by SLURM, a
+TPU pod's `--worker=all`, or by hand with explicit flags.
 
 Host-side gathers (`process_stack`, `process_allgather_rows`) gather the raw bytes of every process's array and
 combine them in process order on the host. That keeps float64 statistics float64 whether or not `jax_enable_x64` is on,
@@ -10,49 +11,22 @@ and gives every process bit-identical results that do not depend on the device c
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
 from linalign_jax.errors import LinalignError
 
-DATA_AXIS = "data"
-MODEL_AXIS = "model"
-_MODES = ("auto", "on", "off")
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "on", "off")
 
 
 # ----------------------------------------------------------------------------------------------------------- runtime
-
-def define_flags() -> None:
-    """Define --coordinator_address, --num_processes, --process_id and --distributed on absl's FLAGS (idempotent).
-
-    Call at module level in a binary, then `initialize_from_flags()` first thing in `main`.
-    """
-    from absl import flags
-
-    if "coordinator_address" in flags.FLAGS:
-        return
-    flags.DEFINE_string("coordinator_address", None,
-                        "host:port of process 0's JAX coordinator (or env JAX_COORDINATOR_ADDRESS).")
-    flags.DEFINE_integer("num_processes", None, "Number of processes in the job (or env JAX_NUM_PROCESSES).")
-    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (or env JAX_PROCESS_ID).")
-    flags.DEFINE_enum("distributed", "auto", list(_MODES),
-                      "auto: multi-process when the three flags/env vars are set or SLURM/Open MPI/TPU env shows "
-                      ">1 task; on: always call jax.distributed.initialize() (its own cluster detection: TPU pods, "
-                      "SLURM, k8s); off: single process.")
-
-
-def initialize_from_flags() -> bool:
-    from absl import flags
-
-    f = flags.FLAGS
-    return initialize(f.coordinator_address, f.num_processes, f.process_id, mode=f.distributed)
-
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, mode: str = "auto") -> bool:
@@ -62,8 +36,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     of them, `mode="auto"` initialises (letting JAX detect the cluster) only when the environment shows several tasks,
     so a plain single-process run never waits for a coordinator. Must run before anything touches a JAX device.
     """
-    if mode not in _MODES:
-        raise LinalignError(f"distributed mode {mode!r} is not one of {_MODES}")
+    if mode not in MODES:
+        raise LinalignError(f"distributed mode {mode!r} is not one of {MODES}")
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
@@ -86,11 +60,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         cluster = detected_cluster()
         if cluster is None:
             return False
-        print(f"distributed: {cluster} job detected, initialising jax.distributed", file=sys.stderr, flush=True)
+        log.info("%s job detected, initialising jax.distributed", cluster)
     _use_cpu_collectives()
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    print(f"distributed: process {jax.process_index()}/{jax.process_count()}, "
-          f"{jax.local_device_count()} local / {jax.device_count()} global devices", file=sys.stderr, flush=True)
+    log.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
     return jax.process_count() > 1
 
 
@@ -131,37 +105,6 @@ def barrier(name: str) -> None:
     """Block until every process reaches the barrier with the same name (no-op in one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
-
-
-# -------------------------------------------------------------------------------------------------------------- mesh
-
-def global_mesh(model_axis_size: int = 1) -> Mesh:
-    """Mesh ("data", "model") over every device of every process.
-
-    Devices are ordered by (process, id), so each "model" group lies inside one process (fast links) whenever
-    `model_axis_size` divides the local device count, and "data" spans processes. On TPU the physical topology picks
-    the order instead.
-    """
-    return _mesh(jax.devices(), model_axis_size)
-
-
-def local_mesh(model_axis_size: int = 1) -> Mesh:
-    """Mesh ("data", "model") over this process's devices only: per-process work such as extracting one slice."""
-    return _mesh(jax.local_devices(), model_axis_size)
-
-
-def _mesh(devices: Sequence[Any], model_axis_size: int) -> Mesh:
-    n = len(devices)
-    if model_axis_size < 1 or n % model_axis_size:
-        raise LinalignError(f"model_axis_size={model_axis_size} must be >= 1 and divide the device count {n}")
-    shape = (n // model_axis_size, model_axis_size)
-    if devices[0].platform == "tpu":
-        from jax.experimental import mesh_utils
-
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    else:
-        grid = np.array(sorted(devices, key=lambda d: (d.process_index, d.id)), dtype=object).reshape(shape)
-    return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
 
 
 # ---------------------------------------------------------------------------------------------------- host-side data

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from linalign_jax.distributed.runtime import DATA_AXIS, MODEL_AXIS
+from linalign_jax.distributed.mesh import DATA_AXIS, MODEL_AXIS
 from linalign_jax.errors import LinalignError
 
 Rules = Sequence[Tuple[str, P]]
@@ -118,7 +118,7 @@ def shard_params(params: Any, mesh: Mesh, rules: Rules = TRANSFORMER_RULES,
 def host_local_to_global(local: np.ndarray, mesh: Mesh, spec: P = P(DATA_AXIS)) -> jax.Array:
     """One global array from every process's block of rows (process order), sharded by `spec` (rows over "data").
 
-    Each process must pass the same number of rows, divisible by its share of the "data" axis (see `pad_rows`).
+    Each process must pass the same number of rows, divisible by its share of the "data" axis (see `mesh.pad_rows`).
     """
     local = np.asarray(local)
     if spec and spec[0] == DATA_AXIS:
@@ -126,21 +126,5 @@ def host_local_to_global(local: np.ndarray, mesh: Mesh, spec: P = P(DATA_AXIS)) 
         shards_here = sum(any(d.process_index == jax.process_index() for d in row) for row in rows_of_data)
         if local.shape[0] % shards_here:
             raise LinalignError(f"{local.shape[0]} local rows cannot be split over this process's {shards_here} "
-                                f"'{DATA_AXIS}' shards; pad them to a multiple (pad_rows)")
+                                f"'{DATA_AXIS}' shards; pad them to a multiple (mesh.pad_rows)")
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local)
-
-
-def pad_rows(x: np.ndarray, multiple: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Zero-pad rows of `x` up to a multiple; returns (padded, weights) with weight 1 for real rows and 0 for padding.
-
-    `x` itself comes back when no padding is needed (no copy of a large batch).
-    """
-    n = x.shape[0]
-    target = -(-n // multiple) * multiple
-    weights = np.zeros(target, np.float32)
-    weights[:n] = 1.0
-    if target == n:
-        return x, weights
-    padded = np.zeros((target,) + x.shape[1:], x.dtype)
-    padded[:n] = x
-    return padded, weights

@@ -28,21 +28,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linalign_jax import tokenizer_compat
+from linalign_jax import shapes, tokenizer_compat
 from linalign_jax.errors import LinalignError
 from linalign_jax.generate.sampling import SamplingConfig, mask_logits, sample_logits
 from linalign_jax.models import core
 from linalign_jax.models.base import LoadedModel
 
-MIN_BUCKET = 16
 DEFAULT_BATCH_SIZE = 8
 # End-of-sequence markers of the families we load; used when the caller gives no eos ids.
 EOS_TOKENS = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>")
 
 
-def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
-    """Smallest power of two >= max(n, minimum): the static length a prompt is padded to, or a cache is sized to."""
-    return 1 << (max(int(n), minimum) - 1).bit_length()
+def bucket(n: int) -> int:
+    """The static length a prompt is padded to, or a cache is sized to (`shapes.bucket` from MIN_SEQUENCE)."""
+    return shapes.bucket(n, shapes.MIN_SEQUENCE)
 
 
 def default_eos_ids(tokenizer) -> tuple:

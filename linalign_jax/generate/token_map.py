@@ -17,9 +17,10 @@ from linalign_jax.align.pairing import pair_token_offsets
 from linalign_jax.align.ridge import RidgeStats, batch_stats, merge_stats, solve_ridge
 from linalign_jax.errors import LinalignError
 from linalign_jax.features import TokenFeatures, extract_features
-from linalign_jax.generate.decoding import bucket, check_decoder
+from linalign_jax.generate.decoding import check_decoder
 from linalign_jax.io_utils import Progress
 from linalign_jax.models.base import LoadedModel
+from linalign_jax.shapes import MIN_SEQUENCE, bucket
 
 PAPER_LAMBDA = 1e-4
 
@@ -44,7 +45,7 @@ def paired_states(source: TokenFeatures, target: TokenFeatures) -> Tuple[np.ndar
 
 def _padded_ends(features: TokenFeatures) -> Tuple[np.ndarray, np.ndarray]:
     """End offsets [B, W] and real-token masks [B, W] (0 for special tokens and padding)."""
-    width = bucket(max(len(o) for o in features.offsets))
+    width = bucket(max(len(o) for o in features.offsets), MIN_SEQUENCE)
     ends = np.zeros((len(features.offsets), width), np.int32)
     mask = np.zeros_like(ends)
     for row, (offsets, special) in enumerate(zip(features.offsets, features.special)):

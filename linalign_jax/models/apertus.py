@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, Tuple
 
-from linalign_jax.errors import LinalignError
 from linalign_jax.models import llama, qwen
+from linalign_jax.models.base import DECODER, Family
 from linalign_jax.models.checkpoint import Rule
-from linalign_jax.models.core import XIELU, DecoderConfig
+from linalign_jax.models.core import XIELU, DecoderConfig, activation_from_hf
 
-MODEL_TYPES = ("apertus",)
 LAYER_RULES: Tuple[Rule, ...] = llama.ATTENTION_RULES + qwen.QK_NORM_RULES + (
     ("model.layers.{i}.mlp.up_proj.weight", "mlp/up_proj/kernel", "T"),
     ("model.layers.{i}.mlp.down_proj.weight", "mlp/down_proj/kernel", "T"),
@@ -27,7 +26,10 @@ def rules(config: DecoderConfig) -> Tuple[Rule, ...]:
 
 
 def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
-    if hf.get("hidden_act", XIELU) != XIELU:
-        raise LinalignError(f"apertus hidden_act {hf['hidden_act']!r} unsupported; expected {XIELU!r}")
-    fields = llama.decoder_fields({"rms_norm_eps": 1e-5, **hf, "hidden_act": "silu"}, dtype)
-    return DecoderConfig(family="apertus", **fields, activation=XIELU, gated_mlp=False, qk_norm=True)
+    activation = activation_from_hf(hf, "hidden_act", {XIELU: XIELU}, default=XIELU)
+    fields = llama.decoder_fields({"rms_norm_eps": 1e-5, **hf}, dtype)
+    return DecoderConfig(family="apertus", **fields, activation=activation, gated_mlp=False, qk_norm=True)
+
+
+FAMILY = Family(name="apertus", model_types=("apertus",), kind=DECODER, config_from_hf=config_from_hf, rules=rules,
+                ignore=ignore, normalize_names=normalize_names)

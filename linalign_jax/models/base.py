@@ -1,8 +1,9 @@
 """The one interface every model family implements, so later stages never look at family details.
 
-A family module (llama.py, bert.py, ...) provides a frozen config dataclass (hashable: it is a static argument of
-`jax.jit`), a Flax Linen module and a table mapping HF checkpoint names to parameter paths. `load_model` (in
-`linalign_jax.models`) turns a spec into a `LoadedModel`.
+A family module (llama.py, bert.py, ...) ends with a `Family` record: how to read its HF config into a frozen config
+dataclass (hashable: a static argument of `jax.jit`), and the table mapping HF checkpoint names to parameter paths.
+`models/registry.py` lists the families; `load_model` (models/loader.py) runs the same pipeline for all of them and
+returns a `LoadedModel`.
 
 Forward contract, identical for encoders and decoders:
     outputs = model.forward(params, input_ids[B, T] int32, attention_mask[B, T] int32, output_hidden_states=False)
@@ -14,9 +15,45 @@ the real tokens. Decoders also provide `lm_head(params, hidden) -> logits [..., 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
+
+DECODER, ENCODER = "decoder", "encoder"
+
+
+def no_ignores(config) -> Tuple[str, ...]:
+    return ()
+
+
+def same_names(tensors: Dict[str, Any]) -> Dict[str, Any]:
+    return tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One architecture as the loader reads it (see models/loader.py for the pipeline).
+
+    kind DECODER: `config_from_hf` returns a `core.DecoderConfig` and the module is always `core.Decoder`.
+    kind ENCODER: `config_from_hf` returns the family's own config (an `encoder.EncoderConfig` subclass) and
+    `module(config)` builds the Flax module, called as module.apply({"params": p}, ids, mask, output_hidden_states).
+    """
+
+    name: str                                       # encoders: LoadedModel.family; decoders: DecoderConfig.family
+    #                                                 names it (one Family may read several, e.g. gemma + gemma2)
+    model_types: Tuple[str, ...]                    # config.json `model_type` values this family reads
+    kind: str                                       # DECODER | ENCODER
+    config_from_hf: Callable[[dict, str], Any]      # (config.json dict, dtype) -> frozen config
+    rules: Callable[[Any], Sequence[tuple]]         # config -> checkpoint rules (checkpoint.Rule)
+    ignore: Callable[[Any], Sequence[str]] = no_ignores          # config -> regexes of tensors the model does not use
+    normalize_names: Callable[[Dict[str, Any]], Dict[str, Any]] = same_names  # e.g. strip a "bert." prefix
+    module: Optional[Callable[[Any], Any]] = None   # encoders: config -> flax.linen.Module
+
+    def __post_init__(self):
+        if self.kind not in (DECODER, ENCODER):
+            raise ValueError(f"family {self.name}: kind {self.kind!r} is not {DECODER!r} or {ENCODER!r}")
+        if (self.kind == ENCODER) != (self.module is not None):
+            raise ValueError(f"family {self.name}: encoders need `module`, decoders use core.Decoder")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,13 +23,13 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
 import ml_dtypes
 import numpy as np
 
 from linalign_jax.errors import LinalignError
-from linalign_jax.io_utils import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_file
+from linalign_jax.io_utils import atomic_write_bytes, atomic_write_json, cache_root, sha256_bytes, sha256_file
 
 Rule = Tuple[str, str, str]
 SAFETENSORS_DTYPES = {
@@ -253,5 +253,10 @@ def fingerprint_from_hashes(hashes: Sequence[str], family: str) -> str:
     return sha256_bytes("\n".join([family, *hashes]).encode())
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LINALIGN_CACHE", Path.home() / ".cache" / "linalign_jax"))
+def strip_prefix(prefix: str) -> Callable[[Dict[str, Any]], Dict[str, Any]]:
+    """A `Family.normalize_names` that drops `prefix` ("bert.", "transformer.", ...) from the tensor names."""
+
+    def normalize(tensors: Dict[str, Any]) -> Dict[str, Any]:
+        return {name[len(prefix):] if name.startswith(prefix) else name: value for name, value in tensors.items()}
+
+    return normalize

@@ -165,6 +165,41 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class NormConfig:
+    """What `Norm` needs: RMSNorm ("rms") or LayerNorm with bias ("layer"), and gemma's (1 + w) scale."""
+
+    kind: str = "rms"
+    eps: float = 1e-6
+    unit_offset: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MlpConfig:
+    """What `Mlp` needs: gated (gate, up, down: SwiGLU / GeGLU) or plain (up, down), with or without biases."""
+
+    hidden_size: int
+    intermediate_size: int
+    activation: str = "silu"
+    gated: bool = True
+    bias: bool = False
+    dtype: str = "float32"
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+
+def activation_from_hf(hf: dict, key: str, supported: dict, default: str):
+    """The core activation name of HF config field `key` (missing -> `default`), through the family's table
+    `supported` {HF name: core name}; anything else is an error naming what is supported."""
+    name = hf.get(key) or default
+    if name not in supported:
+        raise LinalignError(f"{key}={name!r} is not supported for {hf.get('model_type')}; "
+                            f"supported: {', '.join(sorted(supported))}")
+    return supported[name]
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderConfig:
     """Everything that shapes a decoder; families differ only in these fields (see each family's `config_from_hf`)."""
 
@@ -234,6 +269,15 @@ class DecoderConfig:
     def scale(self) -> float:
         return self.query_scale or self.head_dim ** -0.5
 
+    @property
+    def norm_config(self) -> NormConfig:
+        return NormConfig(self.norm, self.norm_eps, self.norm_unit_offset)
+
+    @property
+    def mlp_config(self) -> MlpConfig:
+        return MlpConfig(self.hidden_size, self.intermediate_size, self.activation, self.gated_mlp, self.out_bias,
+                         self.dtype)
+
 
 def config_hash(config) -> str:
     """sha256 of a config dataclass (all fields, dtype included, but not the attention or MoE implementation: each
@@ -247,21 +291,21 @@ def config_hash(config) -> str:
 # ----------------------------------------------------------------------------------------------------------- layers
 
 class Norm(nn.Module):
-    """RMSNorm or LayerNorm, computed in float32; gemma's (1 + w) form when `norm_unit_offset`."""
+    """RMSNorm or LayerNorm, computed in float32; gemma's (1 + w) form when `unit_offset`."""
 
-    config: DecoderConfig
+    config: NormConfig
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        init = nn.initializers.zeros if cfg.norm_unit_offset else nn.initializers.ones
+        init = nn.initializers.zeros if cfg.unit_offset else nn.initializers.ones
         scale = self.param("scale", init, (x.shape[-1],), jnp.float32).astype(jnp.float32)
         xf = x.astype(jnp.float32)
-        if cfg.norm == "layer":
+        if cfg.kind == "layer":
             xf = xf - xf.mean(-1, keepdims=True)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + cfg.norm_eps)
-        y = y * (1.0 + scale if cfg.norm_unit_offset else scale)
-        if cfg.norm == "layer":
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + cfg.eps)
+        y = y * (1.0 + scale if cfg.unit_offset else scale)
+        if cfg.kind == "layer":
             y = y + self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32).astype(jnp.float32)
         return y.astype(x.dtype)
 
@@ -318,10 +362,10 @@ class Attention(nn.Module):
         k = dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "k_proj")(x)
         v = dense(cfg.num_kv_heads * cfg.head_dim, cfg.qkv_bias, "v_proj")(x).reshape(B, T, cfg.num_kv_heads, -1)
         if cfg.qk_norm and cfg.qk_norm_all_heads:
-            q, k = Norm(cfg, name="q_norm")(q), Norm(cfg, name="k_norm")(k)
+            q, k = Norm(cfg.norm_config, name="q_norm")(q), Norm(cfg.norm_config, name="k_norm")(k)
         q, k = q.reshape(B, T, cfg.num_heads, cfg.head_dim), k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm and not cfg.qk_norm_all_heads:
-            q, k = Norm(cfg, name="q_norm")(q), Norm(cfg, name="k_norm")(k)
+            q, k = Norm(cfg.norm_config, name="q_norm")(q), Norm(cfg.norm_config, name="k_norm")(k)
         if not cfg.learned_positions:
             cos = jnp.where(is_sliding, ctx["cos_local"], ctx["cos"])
             sin = jnp.where(is_sliding, ctx["sin_local"], ctx["sin"])
@@ -342,15 +386,15 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    config: DecoderConfig
+    config: MlpConfig
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = lambda n, name: nn.Dense(n, use_bias=cfg.out_bias, dtype=cfg.compute_dtype, name=name)  # noqa: E731
+        dense = lambda n, name: nn.Dense(n, use_bias=cfg.bias, dtype=cfg.compute_dtype, name=name)  # noqa: E731
         act = XieluActivation(name="act") if cfg.activation == XIELU else ACTIVATIONS[cfg.activation]
         h = dense(cfg.intermediate_size, "up_proj")(x)
-        h = act(dense(cfg.intermediate_size, "gate_proj")(x)) * h if cfg.gated_mlp else act(h)
+        h = act(dense(cfg.intermediate_size, "gate_proj")(x)) * h if cfg.gated else act(h)
         return dense(cfg.hidden_size, "down_proj")(h)
 
 
@@ -408,7 +452,7 @@ class MoeMlp(nn.Module):
             ys = jax.lax.ragged_dot(h, down, sizes) * top.reshape(-1)[order][:, None].astype(dt)
             out = jnp.zeros_like(rows).at[token].add(ys).reshape(x.shape)
         if moe.shared_expert_size:
-            shared = Mlp(dataclasses.replace(cfg, intermediate_size=moe.shared_expert_size, moe=None),
+            shared = Mlp(dataclasses.replace(cfg.mlp_config, intermediate_size=moe.shared_expert_size),
                          name="shared_expert")(x)
             out = out + jax.nn.sigmoid(nn.Dense(1, use_bias=False, dtype=dt, name="shared_expert_gate")(x)) * shared
         return out
@@ -424,14 +468,15 @@ class Block(nn.Module):
     def __call__(self, x, xs, ctx):
         cfg = self.config
         is_sliding, cache_kv = xs
-        pre_norm = (lambda name: Norm(cfg, name=name)) if cfg.pre_norms else (lambda name: lambda y: y)
+        pre_norm = (lambda name: Norm(cfg.norm_config, name=name)) if cfg.pre_norms else (lambda name: lambda y: y)
         h, kv = Attention(cfg, name="attn")(pre_norm("attn_norm")(x), is_sliding, ctx, cache_kv)
         if cfg.sandwich_norms:
-            h = Norm(cfg, name="attn_post_norm")(h)
+            h = Norm(cfg.norm_config, name="attn_post_norm")(h)
         x = x + h
-        h = (MoeMlp if cfg.moe else Mlp)(cfg, name="mlp")(pre_norm("mlp_norm")(x))
+        mlp = MoeMlp(cfg, name="mlp") if cfg.moe else Mlp(cfg.mlp_config, name="mlp")
+        h = mlp(pre_norm("mlp_norm")(x))
         if cfg.sandwich_norms:
-            h = Norm(cfg, name="mlp_post_norm")(h)
+            h = Norm(cfg.norm_config, name="mlp_post_norm")(h)
         x = x + h
         return x, (x if self.collect_hidden else None, kv if cache_kv is not None else None)
 
@@ -470,7 +515,7 @@ class Decoder(nn.Module):
                          in_axes=(0, nn.broadcast), length=cfg.num_layers)
         is_sliding = jnp.asarray([t == SLIDING for t in cfg.layer_types])
         x_out, (per_layer, new_kv) = layers(cfg, output_hidden_states, name="layers")(x, (is_sliding, cache_kv), ctx)
-        hidden = Norm(cfg, name="final_norm")(x_out)
+        hidden = Norm(cfg.norm_config, name="final_norm")(x_out)
         all_hidden = (x, *[per_layer[i] for i in range(cfg.num_layers)]) if output_hidden_states else None
         return hidden, all_hidden, new_kv
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from typing import Any, Dict, Tuple
 
-from linalign_jax.errors import LinalignError
 from linalign_jax.models import gemma3, llama
+from linalign_jax.models.base import DECODER, Family
 from linalign_jax.models.checkpoint import Rule
-from linalign_jax.models.core import FULL, SLIDING, DecoderConfig
+from linalign_jax.models.core import FULL, SLIDING, DecoderConfig, activation_from_hf
 
-MODEL_TYPES = ("gemma", "gemma2")
-TANH_GELU = ("gelu", "gelu_pytorch_tanh", "gelu_tanh")  # "gelu" is gemma's legacy name for the tanh form
+# "gelu" is gemma's legacy name for the tanh form
+TANH_GELU = {"gelu": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 SANDWICH_RULES: Tuple[Rule, ...] = tuple(r for r in gemma3.NORM_RULES if ".self_attn." not in r[0])
 ignore = llama.ignore
 normalize_names = llama.normalize_names
@@ -26,11 +26,10 @@ def rules(config: DecoderConfig) -> Tuple[Rule, ...]:
 def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
     gemma2 = hf["model_type"] == "gemma2"
     key = "hidden_activation" if gemma2 and hf.get("hidden_activation") else "hidden_act"
-    if hf.get(key, "gelu_pytorch_tanh") not in TANH_GELU:
-        raise LinalignError(f"{hf['model_type']} {key} {hf[key]!r} unsupported; expected one of {TANH_GELU}")
-    hf = {"tie_word_embeddings": True, **hf, "hidden_act": "silu"}  # decoder_fields checks llama's activation
+    activation = activation_from_hf(hf, key, TANH_GELU, default="gelu_pytorch_tanh")
+    hf = {"tie_word_embeddings": True, **hf}
     common = dict(family=hf["model_type"], **llama.decoder_fields(hf, dtype), norm_unit_offset=True,
-                  activation="gelu_tanh", embed_scale=True)
+                  activation=activation, embed_scale=True)
     if not gemma2:
         return DecoderConfig(**common)
     if hf.get("layer_types") is None:
@@ -40,3 +39,7 @@ def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
         **common, **llama.sliding_fields(hf, default_sliding=False), sandwich_norms=True,
         query_scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5,
         attn_logit_softcap=hf.get("attn_logit_softcapping"), final_logit_softcap=hf.get("final_logit_softcapping"))
+
+
+FAMILY = Family(name="gemma", model_types=("gemma", "gemma2"), kind=DECODER, config_from_hf=config_from_hf,
+                rules=rules, ignore=ignore, normalize_names=normalize_names)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, Tuple
 
-from linalign_jax.errors import LinalignError
 from linalign_jax.models import checkpoint, llama
+from linalign_jax.models.base import DECODER, Family
 from linalign_jax.models.checkpoint import Rule
-from linalign_jax.models.core import FULL, SLIDING, DecoderConfig
+from linalign_jax.models.core import FULL, SLIDING, DecoderConfig, activation_from_hf
 
-MODEL_TYPES = ("gemma3_text", "gemma3")
 SLIDING_PATTERN = 6  # older configs: every 6th layer is global
 NORM_RULES: Tuple[Rule, ...] = (
     ("model.layers.{i}.input_layernorm.weight", "attn_norm/scale", ""),
@@ -23,6 +22,7 @@ NORM_RULES: Tuple[Rule, ...] = (
     ("model.layers.{i}.self_attn.k_norm.weight", "attn/k_norm/scale", ""),
 )
 IGNORE = llama.IGNORE + checkpoint.VISION_IGNORE
+GELU_TANH = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
 def ignore(config: DecoderConfig) -> Tuple[str, ...]:
@@ -38,11 +38,8 @@ def rules(config: DecoderConfig) -> Tuple[Rule, ...]:
 
 def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
     hf = dict(hf.get("text_config") or hf)  # a multimodal config nests the text model's
-    if hf.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise LinalignError(
-            f"gemma3 hidden_activation {hf['hidden_activation']!r} unsupported; expected gelu_pytorch_tanh")
+    activation = activation_from_hf(hf, "hidden_activation", GELU_TANH, default="gelu_pytorch_tanh")
     hf.setdefault("tie_word_embeddings", True)
-    hf["hidden_act"] = "silu"  # decoder_fields checks the llama activation; gemma's is checked above
     if hf.get("layer_types") is None:
         pattern = hf.get("sliding_window_pattern", SLIDING_PATTERN)
         hf["layer_types"] = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(hf["num_hidden_layers"])]
@@ -50,6 +47,10 @@ def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     return DecoderConfig(
         family="gemma3", **llama.decoder_fields(hf, dtype), **llama.sliding_fields(hf, default_sliding=False),
-        local_rope=llama.rope_from_hf(hf, SLIDING), norm_unit_offset=True, activation="gelu_tanh", qk_norm=True,
+        local_rope=llama.rope_from_hf(hf, SLIDING), norm_unit_offset=True, activation=activation, qk_norm=True,
         sandwich_norms=True, embed_scale=True, query_scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5,
         attn_logit_softcap=hf.get("attn_logit_softcapping"), final_logit_softcap=hf.get("final_logit_softcapping"))
+
+
+FAMILY = Family(name="gemma3", model_types=("gemma3_text", "gemma3"), kind=DECODER, config_from_hf=config_from_hf,
+                rules=rules, ignore=ignore, normalize_names=normalize_names)

@@ -19,7 +19,7 @@ from typing import Any, Dict, Tuple
 import numpy as np
 
 from linalign_jax.errors import LinalignError
-from linalign_jax.io_utils import Progress, atomic_path, atomic_write_json
+from linalign_jax.io_utils import Progress, atomic_path, atomic_write_json, cache_root
 from linalign_jax.models import checkpoint
 from linalign_jax.models.tokenizer import TOKENIZER_FILE, tokenizer_from_gguf
 
@@ -164,7 +164,7 @@ def materialize(gguf_path: str | os.PathLike) -> Path:
 
     gguf_path = Path(gguf_path)
     digest = checkpoint.cached_sha256(gguf_path)
-    target = checkpoint.cache_root() / "gguf" / f"{digest}.v{FORMAT_VERSION}"
+    target = cache_root() / "gguf" / f"{digest}.v{FORMAT_VERSION}"
     if all((target / f).exists() for f in ("config.json", checkpoint.SINGLE_FILE, TOKENIZER_FILE, SOURCE_FILE)):
         return target
     start = time.perf_counter()

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, Tuple
 
-from linalign_jax.errors import LinalignError
-from linalign_jax.models.checkpoint import Rule
-from linalign_jax.models.core import DecoderConfig, RopeConfig
+from linalign_jax.models.base import DECODER, Family
+from linalign_jax.models.checkpoint import Rule, strip_prefix
+from linalign_jax.models.core import DecoderConfig, RopeConfig, activation_from_hf
 
-MODEL_TYPES = ("gpt2",)
-PREFIX = "transformer."
 RULES: Tuple[Rule, ...] = (
     ("wte.weight", "embed/embedding", ""),
     ("wpe.weight", "pos_embed/embedding", ""),
@@ -31,6 +29,7 @@ RULES: Tuple[Rule, ...] = (
     ("h.{i}.mlp.c_proj.weight", "mlp/down_proj/kernel", ""),
     ("h.{i}.mlp.c_proj.bias", "mlp/down_proj/bias", ""),
 )
+GELU_TANH = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 # Causal-mask buffers of old exports, and the tied head.
 IGNORE = (r"h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight")
 
@@ -43,18 +42,17 @@ def ignore(config: DecoderConfig) -> Tuple[str, ...]:
     return IGNORE
 
 
-def normalize_names(tensors: Dict[str, Any]) -> Dict[str, Any]:
-    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in tensors.items()}
-
-
 def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise LinalignError(f"gpt2 activation_function {hf['activation_function']!r} unsupported; expected gelu_new")
+    activation = activation_from_hf(hf, "activation_function", GELU_TANH, default="gelu_new")
     d, heads = hf["n_embd"], hf["n_head"]
     return DecoderConfig(
         family="gpt2", vocab_size=hf["vocab_size"], hidden_size=d, num_layers=hf["n_layer"], num_heads=heads,
         num_kv_heads=heads, head_dim=d // heads, intermediate_size=hf.get("n_inner") or 4 * d,
         max_position_embeddings=hf["n_positions"], norm="layer", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        activation="gelu_tanh", gated_mlp=False, qkv_bias=True, out_bias=True, learned_positions=True,
+        activation=activation, gated_mlp=False, qkv_bias=True, out_bias=True, learned_positions=True,
         rope=RopeConfig(), tie_embeddings=True, pad_token_id=int(hf.get("pad_token_id") or hf.get("eos_token_id") or 0),
         dtype=dtype)
+
+
+FAMILY = Family(name="gpt2", model_types=("gpt2",), kind=DECODER, config_from_hf=config_from_hf, rules=rules,
+                ignore=ignore, normalize_names=strip_prefix("transformer."))

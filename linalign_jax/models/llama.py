@@ -9,11 +9,10 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple
 
 from linalign_jax.errors import LinalignError
+from linalign_jax.models.base import DECODER, Family
 from linalign_jax.models.checkpoint import Rule, causal_lm_names
-from linalign_jax.models.core import FULL, SLIDING, DecoderConfig, RopeConfig
+from linalign_jax.models.core import FULL, SLIDING, DecoderConfig, RopeConfig, activation_from_hf
 
-FAMILY = "llama"
-MODEL_TYPES = ("llama", "mistral")
 
 GLOBAL_RULES: Tuple[Rule, ...] = (
     ("model.embed_tokens.weight", "embed/embedding", ""),
@@ -72,7 +71,8 @@ def rope_from_hf(hf: Dict[str, Any], layer_type: str = FULL) -> RopeConfig:
 
 
 def decoder_fields(hf: Dict[str, Any], dtype: str) -> Dict[str, Any]:
-    """The DecoderConfig fields every RoPE family reads the same way."""
+    """The DecoderConfig fields every RoPE family reads the same way (not the activation: each family reads its
+    own, see `core.activation_from_hf`)."""
     try:
         heads = hf["num_attention_heads"]
         fields = dict(
@@ -85,9 +85,6 @@ def decoder_fields(hf: Dict[str, Any], dtype: str) -> Dict[str, Any]:
             dtype=dtype)
     except KeyError as e:
         raise LinalignError(f"config.json lacks {e.args[0]!r}, needed for a {hf.get('model_type')} model") from None
-    if hf.get("hidden_act", "silu") != "silu":
-        raise LinalignError(f"hidden_act {hf['hidden_act']!r} is not supported for {hf.get('model_type')}; "
-                            "expected 'silu'")
     return fields
 
 
@@ -109,6 +106,16 @@ def _first_id(*candidates) -> int:
     return 0
 
 
+def silu(hf: Dict[str, Any]) -> str:
+    """The activation of the SwiGLU families (llama, mistral, qwen): `hidden_act` must be silu."""
+    return activation_from_hf(hf, "hidden_act", {"silu": "silu"}, default="silu")
+
+
 def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
     # Mistral's sliding_window applies to every layer; Llama configs carry none.
-    return DecoderConfig(family=FAMILY, **decoder_fields(hf, dtype), **sliding_fields(hf, default_sliding=True))
+    return DecoderConfig(family="llama", **decoder_fields(hf, dtype), **sliding_fields(hf, default_sliding=True),
+                         activation=silu(hf))
+
+
+FAMILY = Family(name="llama", model_types=("llama", "mistral"), kind=DECODER, config_from_hf=config_from_hf,
+                rules=rules, ignore=ignore, normalize_names=normalize_names)

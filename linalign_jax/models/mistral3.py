@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple
 
 from linalign_jax.models import checkpoint, llama
+from linalign_jax.models.base import DECODER, Family
 from linalign_jax.models.checkpoint import Rule
 from linalign_jax.models.core import DecoderConfig
 
-MODEL_TYPES = ("mistral3", "ministral3")
 normalize_names = checkpoint.language_model_names
 rules = llama.rules
 
@@ -30,4 +30,8 @@ def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
         scaling = dict(query_position_beta=float(rope["llama_4_scaling_beta"]),
                        query_position_period=int(rope["original_max_position_embeddings"]))
     return DecoderConfig(family=hf["model_type"], **llama.decoder_fields(text, dtype),
-                         **llama.sliding_fields(text, default_sliding=True), **scaling)
+                         **llama.sliding_fields(text, default_sliding=True), activation=llama.silu(text), **scaling)
+
+
+FAMILY = Family(name="mistral3", model_types=("mistral3", "ministral3"), kind=DECODER,
+                config_from_hf=config_from_hf, rules=rules, ignore=ignore, normalize_names=normalize_names)

@@ -8,10 +8,10 @@ from typing import Any, Dict, Tuple
 
 from linalign_jax.errors import LinalignError
 from linalign_jax.models import llama
+from linalign_jax.models.base import DECODER, Family
 from linalign_jax.models.checkpoint import Rule
 from linalign_jax.models.core import DecoderConfig, MoeConfig
 
-MODEL_TYPES = ("mixtral",)
 MOE = "model.layers.{i}.block_sparse_moe."
 EXPERT_RULES: Tuple[Rule, ...] = (
     (MOE + "gate.weight", "mlp/router/kernel", "T"),
@@ -35,4 +35,8 @@ def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
     except KeyError as e:
         raise LinalignError(f"config.json lacks {e.args[0]!r}, needed for a mixtral model") from None
     return DecoderConfig(family="mixtral", **llama.decoder_fields({"rms_norm_eps": 1e-5, **hf}, dtype),
-                         **llama.sliding_fields(hf, default_sliding=True), moe=moe)
+                         **llama.sliding_fields(hf, default_sliding=True), activation=llama.silu(hf), moe=moe)
+
+
+FAMILY = Family(name="mixtral", model_types=("mixtral",), kind=DECODER, config_from_hf=config_from_hf, rules=rules,
+                ignore=ignore, normalize_names=normalize_names)

@@ -1,23 +1,26 @@
-"""MPNet encoders (all-mpnet-base-v2): BERT's post-LN layers plus a T5-style relative-position bias.
+"""MPNet encoders (all-mpnet-base-v2): the shared post-LN encoder layers (encoder.py) plus a T5-style
+relative-position bias.
 
-Deltas from bert.py: no token types; absolute positions start at padding_idx + 1 (RoBERTa convention, padded slots
-get padding_idx); one bucketed relative-position bias table is shared by all layers and added to the attention scores.
-Relative positions depend only on index differences, so they are the same for left and right padding.
+Deltas from BERT (bert.py): no token types; absolute positions start at padding_idx + 1 (RoBERTa convention, padded
+slots get padding_idx); one bucketed relative-position bias table is shared by all layers and added to the attention
+scores. Relative positions depend only on index differences, so they are the same for left and right padding.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linalign_jax.models import bert, core
-from linalign_jax.models.base import LoadedModel, ModelOutput
+from linalign_jax.models import core
+from linalign_jax.models.base import ENCODER, Family, ModelOutput
+from linalign_jax.models.checkpoint import strip_prefix
+from linalign_jax.models.encoder import (LAYER, EncoderConfig, check_length, embedding_rules, encoder_stack,
+                                         linear_rules, norm_rules, padding_bias)
 
 # HF's MPNetEmbeddings hard-codes padding_idx = 1 (whatever config.pad_token_id says); positions are offset by it.
 HF_PADDING_IDX = 1
@@ -26,7 +29,7 @@ MAX_DISTANCE = 128
 
 
 @dataclasses.dataclass(frozen=True)
-class MPNetConfig(bert.EncoderConfigBase):
+class MPNetConfig(EncoderConfig):
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int
@@ -76,36 +79,31 @@ class MPNetEncoder(nn.Module):
         def embed(num, features, name):
             return nn.Embed(num, features, dtype=cfg.compute_dtype, name=name)
 
-        bert.check_length(input_ids.shape[1], cfg.max_position_embeddings - HF_PADDING_IDX - 1)
+        check_length(input_ids.shape[1], cfg.max_position_embeddings - HF_PADDING_IDX - 1)
         position_ids = jnp.cumsum(attention_mask, axis=-1) * attention_mask + HF_PADDING_IDX
         x = (embed(cfg.vocab_size, cfg.hidden_size, "word_embeddings")(input_ids)
              + embed(cfg.max_position_embeddings, cfg.hidden_size, "position_embeddings")(position_ids))
-        x = core.Norm(cfg, name="embeddings_norm")(x)
+        x = core.Norm(cfg.norm_config, name="embeddings_norm")(x)
         buckets = relative_position_buckets(input_ids.shape[1], cfg.relative_attention_num_buckets)
         relative_bias = embed(cfg.relative_attention_num_buckets, cfg.num_attention_heads,
                               "relative_attention_bias")(jnp.asarray(buckets))  # [T, T, H]
-        attn_bias = bert.padding_bias(attention_mask) + relative_bias.transpose(2, 0, 1)[None].astype(jnp.float32)
-        return bert.encoder_stack(cfg, x, attn_bias, output_hidden_states)
+        attn_bias = padding_bias(attention_mask) + relative_bias.transpose(2, 0, 1)[None].astype(jnp.float32)
+        return encoder_stack(cfg, x, attn_bias, output_hidden_states)
 
 
-LAYER = bert.LAYER
 HF_RULES = (
-    *bert.embedding_rules(("word_embeddings", "position_embeddings")),
+    *embedding_rules(("word_embeddings", "position_embeddings")),
     ("encoder.relative_attention_bias.weight", "relative_attention_bias/embedding", ""),
-    *bert.linear_rules(LAYER + "attention.attn.q", "attention/query"),
-    *bert.linear_rules(LAYER + "attention.attn.k", "attention/key"),
-    *bert.linear_rules(LAYER + "attention.attn.v", "attention/value"),
-    *bert.linear_rules(LAYER + "attention.attn.o", "attention/out"),
-    *bert.norm_rules(LAYER + "attention.LayerNorm", "attention_norm"),
-    *bert.linear_rules(LAYER + "intermediate.dense", "mlp/up_proj"),
-    *bert.linear_rules(LAYER + "output.dense", "mlp/down_proj"),
-    *bert.norm_rules(LAYER + "output.LayerNorm", "output_norm"),
+    *linear_rules(LAYER + "attention.attn.q", "attention/query"),
+    *linear_rules(LAYER + "attention.attn.k", "attention/key"),
+    *linear_rules(LAYER + "attention.attn.v", "attention/value"),
+    *linear_rules(LAYER + "attention.attn.o", "attention/out"),
+    *norm_rules(LAYER + "attention.LayerNorm", "attention_norm"),
+    *linear_rules(LAYER + "intermediate.dense", "mlp/up_proj"),
+    *linear_rules(LAYER + "output.dense", "mlp/down_proj"),
+    *norm_rules(LAYER + "output.LayerNorm", "output_norm"),
 )
 HF_IGNORED = (r"embeddings\.position_ids", r"pooler\..*", r"lm_head\..*")
-HF_PREFIX = "mpnet."
-
-
-def load(model_dir: Path, *, spec: str, dtype: str = "float32") -> LoadedModel:
-    """A HF MPNet directory (config.json, safetensors, tokenizer.json) -> LoadedModel."""
-    return bert.load_encoder(model_dir, spec=spec, dtype=dtype, family="mpnet", config_cls=MPNetConfig,
-                             module_cls=MPNetEncoder, rules=HF_RULES, ignored=HF_IGNORED, prefix=HF_PREFIX)
+FAMILY = Family(name="mpnet", model_types=("mpnet",), kind=ENCODER, config_from_hf=MPNetConfig.from_hf,
+                rules=lambda config: HF_RULES, ignore=lambda config: HF_IGNORED,
+                normalize_names=strip_prefix("mpnet."), module=MPNetEncoder)

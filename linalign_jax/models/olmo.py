@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple
 
 from linalign_jax.models import llama, qwen
+from linalign_jax.models.base import DECODER, Family
 from linalign_jax.models.checkpoint import Rule
 from linalign_jax.models.core import FULL, SLIDING, DecoderConfig, RopeConfig
 
-MODEL_TYPES = ("olmo2", "olmo3")
 DEFAULT_THETA = 500000.0
 LAYER_RULES: Tuple[Rule, ...] = llama.ATTENTION_RULES + llama.MLP_RULES + qwen.QK_NORM_RULES + (
     ("model.layers.{i}.post_attention_layernorm.weight", "attn_post_norm/scale", ""),
@@ -36,4 +36,8 @@ def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
         local = llama.rope_from_hf(hf, SLIDING) if nested else RopeConfig(theta=float(hf["rope_theta"]))
         sliding = dict(**llama.sliding_fields(hf, default_sliding=False), local_rope=local)
     return DecoderConfig(family=hf["model_type"], **llama.decoder_fields(hf, dtype), **sliding, qk_norm=True,
-                         qk_norm_all_heads=True, pre_norms=False, sandwich_norms=True)
+                         activation=llama.silu(hf), qk_norm_all_heads=True, pre_norms=False, sandwich_norms=True)
+
+
+FAMILY = Family(name="olmo", model_types=("olmo2", "olmo3"), kind=DECODER, config_from_hf=config_from_hf,
+                rules=rules, ignore=ignore, normalize_names=normalize_names)

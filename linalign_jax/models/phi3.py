@@ -9,10 +9,10 @@ from typing import Any, Dict, Tuple
 
 from linalign_jax.errors import LinalignError
 from linalign_jax.models import llama
+from linalign_jax.models.base import DECODER, Family
 from linalign_jax.models.checkpoint import Rule
 from linalign_jax.models.core import DecoderConfig, RopeConfig
 
-MODEL_TYPES = ("phi3",)
 ignore = llama.ignore
 normalize_names = llama.normalize_names
 
@@ -43,4 +43,9 @@ def _rope(hf: Dict[str, Any]) -> RopeConfig:
 
 def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
     fields = {**llama.decoder_fields({"rms_norm_eps": 1e-5, **hf}, dtype), "rope": _rope(hf)}
-    return DecoderConfig(family="phi3", **fields, **llama.sliding_fields(hf, default_sliding=True))
+    return DecoderConfig(family="phi3", **fields, **llama.sliding_fields(hf, default_sliding=True),
+                         activation=llama.silu(hf))
+
+
+FAMILY = Family(name="phi3", model_types=("phi3",), kind=DECODER, config_from_hf=config_from_hf, rules=rules,
+                ignore=ignore, normalize_names=normalize_names)

@@ -8,15 +8,16 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple
 
 from linalign_jax.models import llama
+from linalign_jax.models.base import DECODER, Family
 from linalign_jax.models.checkpoint import Rule
 from linalign_jax.models.core import FULL, SLIDING, DecoderConfig
 
-MODEL_TYPES = ("qwen2", "qwen3")
 BIAS_RULES: Tuple[Rule, ...] = tuple(
     (f"model.layers.{{i}}.self_attn.{p}_proj.bias", f"attn/{p}_proj/bias", "") for p in "qkv")
 QK_NORM_RULES: Tuple[Rule, ...] = tuple(
     (f"model.layers.{{i}}.self_attn.{p}_norm.weight", f"attn/{p}_norm/scale", "") for p in "qk")
 ignore = llama.ignore
+normalize_names = llama.normalize_names
 
 
 def rules(config: DecoderConfig) -> Tuple[Rule, ...]:
@@ -30,8 +31,17 @@ def _layer_types(hf: Dict[str, Any]) -> Dict[str, Any]:
     return llama.sliding_fields(hf, default_sliding=False)
 
 
-def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
-    family = hf.get("model_type", "qwen2")
-    qwen3 = family == "qwen3"
-    return DecoderConfig(family=family, **llama.decoder_fields(hf, dtype), **_layer_types(hf),
-                         qkv_bias=bool(hf.get("attention_bias", False)) if qwen3 else True, qk_norm=qwen3)
+def qwen2_config(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
+    return DecoderConfig(family="qwen2", **llama.decoder_fields(hf, dtype), **_layer_types(hf),
+                         activation=llama.silu(hf), qkv_bias=True)
+
+
+def qwen3_config(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
+    return DecoderConfig(family="qwen3", **llama.decoder_fields(hf, dtype), **_layer_types(hf),
+                         activation=llama.silu(hf), qkv_bias=bool(hf.get("attention_bias", False)), qk_norm=True)
+
+
+QWEN2 = Family(name="qwen2", model_types=("qwen2",), kind=DECODER, config_from_hf=qwen2_config, rules=rules,
+               ignore=ignore, normalize_names=normalize_names)
+QWEN3 = Family(name="qwen3", model_types=("qwen3",), kind=DECODER, config_from_hf=qwen3_config, rules=rules,
+               ignore=ignore, normalize_names=normalize_names)

@@ -11,10 +11,10 @@ from typing import Any, Dict, Tuple
 
 from linalign_jax.errors import LinalignError
 from linalign_jax.models import llama, qwen
+from linalign_jax.models.base import DECODER, Family
 from linalign_jax.models.checkpoint import Rule
 from linalign_jax.models.core import DecoderConfig, MoeConfig
 
-MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
 EXPERT_RULES: Tuple[Rule, ...] = (("model.layers.{i}.mlp.gate.weight", "mlp/router/kernel", "T"),) + tuple(
     (f"model.layers.{{i}}.mlp.experts.{{e}}.{p}_proj.weight", f"mlp/experts_{p}_proj", "T")
     for p in ("gate", "up", "down"))
@@ -52,6 +52,10 @@ def config_from_hf(hf: Dict[str, Any], dtype: str = "float32") -> DecoderConfig:
                         shared_expert_size=0 if qwen3 else int(hf["shared_expert_intermediate_size"]))
     except KeyError as e:
         raise LinalignError(f"config.json lacks {e.args[0]!r}, needed for a {family} model") from None
-    dense = qwen.config_from_hf({**hf, "model_type": "qwen3" if qwen3 else "qwen2"}, dtype)
+    dense = (qwen.qwen3_config if qwen3 else qwen.qwen2_config)(hf, dtype)
     return dataclasses.replace(dense, family=family, moe=moe,
                                qkv_bias=dense.qkv_bias if qwen3 else bool(hf.get("qkv_bias", True)))
+
+
+FAMILY = Family(name="qwen_moe", model_types=("qwen2_moe", "qwen3_moe"), kind=DECODER,
+                config_from_hf=config_from_hf, rules=rules, ignore=ignore, normalize_names=normalize_names)

@@ -13,7 +13,7 @@ import pytest
 
 from linalign_jax.errors import LinalignError
 from linalign_jax.features import extract_features
-from linalign_jax.models import bert, checkpoint, load_model, mpnet
+from linalign_jax.models import checkpoint, load_model, mpnet
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "encoders"
 TINY = {"bert": FIXTURES / "bert_tiny", "mpnet": FIXTURES / "mpnet_tiny"}
@@ -88,7 +88,7 @@ def test_task_checkpoint_prefix_and_bfloat16(tmp_path):
     expected = np.load(TINY["bert"] / "expected.npz")
     ids, mask = expected["right_input_ids"].astype(np.int32), expected["right_attention_mask"].astype(np.int32)
     for dtype, tolerance in (("float32", TOLERANCE), ("bfloat16", 0.1)):
-        model = bert.load(model_dir, spec="prefixed", dtype=dtype)
+        model = load_model(str(model_dir), dtype=dtype)
         out = model.forward(model.params, ids, mask).last_hidden_state
         assert str(out.dtype) == dtype
         assert real_token_error(out, expected["right_last_hidden_state"], mask) <= tolerance
@@ -109,19 +109,19 @@ def test_missing_tensor_is_an_error(tmp_path):
     tensors = dict(checkpoint.read_checkpoint(TINY["mpnet"]))
     del tensors["encoder.relative_attention_bias.weight"]
     with pytest.raises(LinalignError, match="relative_attention_bias"):
-        mpnet.load(copy_with(tmp_path, "mpnet", tensors=tensors), spec="broken")
+        load_model(str(copy_with(tmp_path, "mpnet", tensors=tensors)))
 
 
 def test_wrong_architecture_is_an_error(tmp_path):
     """MPNet weights under a BERT config: the table finds neither BERT's names nor a use for MPNet's."""
     tensors = checkpoint.read_checkpoint(TINY["mpnet"])
     with pytest.raises(LinalignError, match="lacks"):
-        bert.load(copy_with(tmp_path, "bert", tensors=dict(tensors)), spec="mismatch")
+        load_model(str(copy_with(tmp_path, "bert", tensors=dict(tensors))))
 
 
 def test_shape_mismatch_is_an_error(tmp_path):
     with pytest.raises(LinalignError, match="shapes do not match"):
-        bert.load(copy_with(tmp_path, "bert", config_changes={"intermediate_size": 40}), spec="bad-config")
+        load_model(str(copy_with(tmp_path, "bert", config_changes={"intermediate_size": 40})))
 
 
 def test_truncated_weights_are_an_error(tmp_path):
@@ -129,7 +129,7 @@ def test_truncated_weights_are_an_error(tmp_path):
     data = (model_dir / "model.safetensors").read_bytes()
     (model_dir / "model.safetensors").write_bytes(data[:len(data) // 2])
     with pytest.raises(LinalignError, match="truncated"):
-        bert.load(model_dir, spec="truncated")
+        load_model(str(model_dir))
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -139,7 +139,7 @@ def test_truncated_weights_are_an_error(tmp_path):
 ])
 def test_unsupported_configs_are_errors(tmp_path, changes, message):
     with pytest.raises(LinalignError, match=message):
-        bert.load(copy_with(tmp_path, "bert", config_changes=changes), spec="unsupported")
+        load_model(str(copy_with(tmp_path, "bert", config_changes=changes)))
 
 
 @pytest.mark.parametrize("family, positions", [("bert", 64), ("mpnet", 64)])  # max_position_embeddings 64 / 66
@@ -154,4 +154,4 @@ def test_sequences_beyond_the_position_table_are_errors(family, positions):
 
 def test_unsupported_dtype_is_an_error():
     with pytest.raises(LinalignError, match="float16"):
-        bert.load(TINY["bert"], spec="tiny", dtype="float16")
+        load_model(str(TINY["bert"]), dtype="float16")

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from linalign_jax import features
-from linalign_jax.distributed.runtime import barrier, process_allgather_rows, process_slice, process_stack
+from linalign_jax.distributed import barrier, process_allgather_rows, process_slice, process_stack
 from linalign_jax.errors import LinalignError
 from linalign_jax.io_utils import atomic_path, atomic_write_json, sha256_file
 from linalign_jax.models.base import LoadedModel
@@ -52,7 +52,7 @@ def extract_gathered(model: LoadedModel, texts: Sequence[str], **kwargs) -> np.n
 
 def extract_to_shards(model: LoadedModel, texts: Sequence[str], out_dir, **kwargs) -> Tuple[Path, np.ndarray]:
     """Write this process's shard, then (process 0) the manifest. Returns (manifest path, this process's rows), the
-    latter ready for `distributed.fit`."""
+    latter ready for `align.distributed`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index, count = jax.process_index(), jax.process_count()

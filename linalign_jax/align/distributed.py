@@ -17,7 +17,7 @@ import numpy as np
 
 from linalign_jax.align import optax_map, ridge
 from linalign_jax.align.maps import AffineMap
-from linalign_jax.distributed.runtime import global_mesh, local_mesh, process_allgather_rows, process_stack
+from linalign_jax.distributed import global_mesh, local_mesh, process_allgather_rows, process_stack
 from linalign_jax.errors import LinalignError
 
 

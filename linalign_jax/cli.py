@@ -1,0 +1,167 @@
+"""What every binary in `experiments/` shares: the absl flag groups (one set of defaults), and the entry point.
+
+A binary defines its flags from these groups plus its own, then hands `main` to `cli.run`:
+
+    cli.define_model_flags("source_model", "target_model")
+    cli.define_data_flags("task_data", "public_data")
+    cli.define_extraction_flags()
+    ...
+    if __name__ == "__main__":
+        cli.run(main)
+
+The extraction defaults are `features.ExtractOptions()`; they are feature-cache key inputs, so two binaries run on the
+same models and texts share cache entries. Each group can be defined once per process (a second call is a no-op), so
+a binary built from library pieces never defines a flag twice.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Sequence
+
+from absl import app, flags
+
+from linalign_jax.distributed import MODES, initialize
+from linalign_jax.errors import LinalignError, exit_on_bad_input
+from linalign_jax.features import ExtractOptions
+
+FLAGS = flags.FLAGS
+DTYPES = ("float32", "bfloat16")
+
+MODEL_ROLES = {
+    "model": "model spec: asset name, hub id, HF directory, .gguf file or embeddings .parquet",
+    "source_model": "party B's model spec (the map's input side): asset name, hub id, HF directory, .gguf file or "
+                    "embeddings .parquet",
+    "target_model": "party A's model spec (the map's output side; owns the head): asset name, hub id, HF "
+                    "directory, .gguf file or embeddings .parquet",
+}
+# dataset spec flag -> (help, its limit flags as (name, default, help))
+DATA_SPECS = {
+    "data": ("dataset or text spec: registry name, local file / directory or hub id",
+             (("limit", 0, "texts taken from --data (0 = all)"),)),
+    "task_data": ("labelled task dataset spec (train / test splits)",
+                  (("train_limit", 0, "stratified subsample of the task train split (0 = all)"),
+                   ("test_limit", 0, "stratified subsample of the task test split (0 = all)"))),
+    "ood_data": ("dataset spec whose test texts are the OOD set ('' = no OOD evaluation)",
+                 (("ood_limit", 1000, "texts taken from the OOD dataset's test split (0 = all)"),)),
+    "public_data": ("unlabelled corpus spec for fitting maps (public, a .txt file, a table or a dataset)",
+                    (("public_limit", 5000, "texts taken from the public corpus"),)),
+}
+DATA_DEFAULTS = {"ood_data": "", "public_data": "public"}
+
+
+def _defined(name: str) -> bool:
+    return name in FLAGS
+
+
+def define_model_flags(*roles: str, list_flag: str | None = None) -> None:
+    """A model-spec flag per role (see MODEL_ROLES), optionally a comma-separated list flag, and --dtype."""
+    for role in roles:
+        if role not in MODEL_ROLES:
+            raise ValueError(f"unknown model role {role!r}; expected one of {sorted(MODEL_ROLES)}")
+        if not _defined(role):
+            flags.DEFINE_string(role, None, MODEL_ROLES[role])
+    if list_flag and not _defined(list_flag):
+        flags.DEFINE_list(list_flag, None, "model specs, comma-separated (asset names, hub ids, paths)")
+    if not _defined("dtype"):
+        flags.DEFINE_enum("dtype", "float32", list(DTYPES), "model parameter / compute dtype")
+
+
+def define_data_flags(*specs: str) -> None:
+    """A dataset-spec flag per name in DATA_SPECS with its limit flags, --data_seed, and the column names of local /
+    hub tables (--text_column, --label_column)."""
+    for spec in specs:
+        if spec not in DATA_SPECS:
+            raise ValueError(f"unknown dataset flag {spec!r}; expected one of {sorted(DATA_SPECS)}")
+        if _defined(spec):
+            continue
+        help_text, limits = DATA_SPECS[spec]
+        flags.DEFINE_string(spec, DATA_DEFAULTS.get(spec), help_text)
+        for name, default, limit_help in limits:
+            flags.DEFINE_integer(name, default, limit_help)
+    if not _defined("data_seed"):
+        flags.DEFINE_integer("data_seed", 0, "seed of the dataset split and of every subsample")
+        flags.DEFINE_string("text_column", "text", "text column of a local / hub dataset")
+        flags.DEFINE_string("label_column", "label", "label column of a local / hub dataset")
+
+
+def define_extraction_flags(pooled: bool = True) -> None:
+    """--max_length, --batch_size and, for pooled (cacheable) features, --pooling, --layer, --normalize and
+    --feature_cache."""
+    if _defined("max_length"):
+        return
+    d = ExtractOptions()
+    flags.DEFINE_integer("max_length", d.max_length, "tokens per text; longer texts are truncated and counted")
+    flags.DEFINE_integer("batch_size", d.batch_size, "texts per forward pass (per process)")
+    if pooled:
+        flags.DEFINE_string("feature_cache", d.cache_dir, "feature cache directory (default $LINALIGN_CACHE/features)")
+        flags.DEFINE_enum("pooling", d.pooling, ["mean", "last", "cls"], "how token states become one vector per text")
+        flags.DEFINE_integer("layer", d.layer, "-1: final hidden state (after the final norm); i: hidden_states[i]")
+        flags.DEFINE_bool("normalize", d.normalize, "L2-normalise each pooled vector (sentence-transformers' output)")
+
+
+def extraction_options() -> ExtractOptions:
+    """The extraction flags as options (the pooled-only ones at their defaults when not defined)."""
+    d = ExtractOptions()
+
+    def value(name, default):
+        return FLAGS[name].value if _defined(name) else default
+
+    return ExtractOptions(pooling=value("pooling", d.pooling), layer=value("layer", d.layer),
+                          max_length=FLAGS.max_length, normalize=value("normalize", d.normalize),
+                          batch_size=FLAGS.batch_size, cache_dir=value("feature_cache", d.cache_dir))
+
+
+def define_distributed_flags() -> None:
+    """JAX's multi-process runtime (read by `initialize_distributed`) and the mesh's model axis."""
+    if _defined("distributed"):
+        return
+    flags.DEFINE_string("coordinator_address", None,
+                        "host:port of process 0's JAX coordinator (or env JAX_COORDINATOR_ADDRESS)")
+    flags.DEFINE_integer("num_processes", None, "number of processes in the job (or env JAX_NUM_PROCESSES)")
+    flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes) (or env JAX_PROCESS_ID)")
+    flags.DEFINE_enum("distributed", "auto", list(MODES),
+                      "auto: multi-process when the three flags/env vars are set or SLURM/Open MPI/TPU env shows "
+                      ">1 task; on: always call jax.distributed.initialize() (its own cluster detection: TPU pods, "
+                      "SLURM, k8s); off: single process")
+    flags.DEFINE_integer("model_axis_size", 1, "devices per process that split each model's weights (FSDP); the "
+                         "rest split the batch")
+
+
+def initialize_distributed() -> bool:
+    """Start JAX's distributed runtime from the distributed flags; first thing in `main`, before any device use."""
+    return initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, mode=FLAGS.distributed)
+
+
+def int_list(name: str) -> list:
+    """A comma-separated list flag as ints, or a LinalignError naming the flag."""
+    try:
+        return [int(v) for v in FLAGS[name].value]
+    except ValueError:
+        raise LinalignError(f"--{name} takes comma-separated integers, got {','.join(FLAGS[name].value)!r}") from None
+
+
+def run(main: Callable[[Sequence[str]], None]) -> None:
+    """absl's app.run with the house conventions: library logs go to stderr at INFO (one format), JAX's backend
+    probing stays quiet, and a LinalignError (bad input) becomes one `error: ...` line and exit status 2. Every other
+    exception is a bug and keeps its traceback."""
+
+    def wrapped(argv):
+        _configure_logging()
+        with exit_on_bad_input():
+            main(argv)
+
+    app.run(wrapped)
+
+
+def _configure_logging() -> None:
+    from absl import logging as absl_logging
+
+    absl_logging.use_python_logging()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    # jax probes every backend it was built for; on a machine without TPUs that is noise, not news.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)

@@ -1,0 +1,148 @@
+"""What the bidirectional encoder families (bert.py, mpnet.py, ...) share: the config base, post-LN layers, padding
+masks and checkpoint-rule builders.
+
+The post-LN layer is BERT's and MPNet's (MPNet adds a relative-position bias to the scores); its LayerNorms and MLP
+are the shared core's `Norm` and `Mlp`, configured through `EncoderConfig.norm_config` / `.mlp_config` (LayerNorm
+with bias; plain up/down MLP with biases). The core's attention is causal, so the bidirectional attention lives here.
+Layers are stacked with `nn.scan`, the layout `checkpoint.params_from_tensors` produces.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from linalign_jax.errors import LinalignError
+from linalign_jax.models import checkpoint, core
+from linalign_jax.models.base import ModelOutput
+
+# Added to the scores of padded keys. Finite, so a row with no real key (a batch-filler row) gives a uniform softmax
+# instead of NaN.
+MASKED_SCORE = -1e30
+# HF `hidden_act` -> the core's activation names.
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+class EncoderConfig:
+    """Base of every encoder config (each family's own frozen dataclass): validation, reading config.json, and the
+    views the shared layers read.
+
+    Subclasses are frozen dataclasses with (at least) hidden_size, num_hidden_layers, num_attention_heads,
+    intermediate_size, layer_norm_eps, hidden_act, pad_token_id and dtype; a family whose norm or MLP differs
+    overrides `norm_config` / `mlp_config`.
+    """
+
+    def __post_init__(self):
+        if self.hidden_act not in HF_ACTIVATIONS:
+            raise LinalignError(f"unsupported hidden_act {self.hidden_act!r}; supported: {sorted(HF_ACTIVATIONS)}")
+        if self.dtype not in core.DTYPES:
+            raise LinalignError(f"unsupported dtype {self.dtype!r}; supported: {', '.join(core.DTYPES)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise LinalignError(f"hidden_size={self.hidden_size} is not a multiple of "
+                                f"num_attention_heads={self.num_attention_heads}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def compute_dtype(self):
+        return core.DTYPES[self.dtype]
+
+    @property
+    def norm_config(self) -> core.NormConfig:
+        return core.NormConfig(kind="layer", eps=self.layer_norm_eps)
+
+    @property
+    def mlp_config(self) -> core.MlpConfig:
+        return core.MlpConfig(self.hidden_size, self.intermediate_size, HF_ACTIVATIONS[self.hidden_act], gated=False,
+                              bias=True, dtype=self.dtype)
+
+    @classmethod
+    def from_hf(cls, hf: dict, dtype: str = "float32"):
+        """The config from HF config.json fields of the same names."""
+        fields = [f for f in dataclasses.fields(cls) if f.name != "dtype"]
+        missing = [f.name for f in fields if f.name not in hf and f.default is dataclasses.MISSING]
+        if missing:
+            raise LinalignError(f"config.json lacks {missing} for a {cls.__name__}")
+        return cls(**{f.name: hf[f.name] for f in fields if f.name in hf}, dtype=dtype)
+
+
+def check_length(length: int, max_tokens: int) -> None:
+    """Learned position tables end: a longer (static) sequence would silently read clipped positions."""
+    if length > max_tokens:
+        raise LinalignError(f"sequence length {length} exceeds the {max_tokens} positions this model has; "
+                            f"use max_length <= {max_tokens}")
+
+
+def padding_bias(attention_mask: jax.Array) -> jax.Array:
+    """[B, T] 0/1 mask -> [B, 1, 1, T] float32 additive bias hiding padded keys from every query."""
+    return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, MASKED_SCORE).astype(jnp.float32)
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head attention with biased q/k/v/out projections and an additive score bias."""
+
+    config: EncoderConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, attn_bias: jax.Array) -> jax.Array:
+        cfg = self.config
+        batch, length, width = x.shape
+        head_dim = width // cfg.num_attention_heads
+        q, k, v = (nn.Dense(width, dtype=cfg.compute_dtype, name=name)(x).reshape(
+            batch, length, cfg.num_attention_heads, head_dim) for name in ("query", "key", "value"))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+        probs = jax.nn.softmax(scores + attn_bias, axis=-1).astype(v.dtype)
+        context = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, length, width)
+        return nn.Dense(width, dtype=cfg.compute_dtype, name="out")(context)
+
+
+class PostLNLayer(nn.Module):
+    """Attention and MLP, each followed by residual add and LayerNorm; scanned over layers (y = the layer output
+    when collecting hidden states, else nothing)."""
+
+    config: EncoderConfig
+    collect_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, attn_bias: jax.Array):
+        cfg = self.config
+        x = core.Norm(cfg.norm_config, name="attention_norm")(x + SelfAttention(cfg, name="attention")(x, attn_bias))
+        x = core.Norm(cfg.norm_config, name="output_norm")(x + core.Mlp(cfg.mlp_config, name="mlp")(x))
+        return x, (x if self.collect_hidden else None)
+
+
+def encoder_stack(config: EncoderConfig, embeddings: jax.Array, attn_bias: jax.Array,
+                  output_hidden_states: bool) -> ModelOutput:
+    """The scanned layers (parameters under "layers"); call inside a compact module."""
+    layers = nn.scan(PostLNLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=nn.broadcast, length=config.num_hidden_layers)
+    x, per_layer = layers(config, output_hidden_states, name="layers")(embeddings, attn_bias)
+    hidden = None
+    if output_hidden_states:
+        hidden = (embeddings, *[per_layer[i] for i in range(config.num_hidden_layers)])
+    return ModelOutput(last_hidden_state=x, hidden_states=hidden)
+
+
+# ------------------------------------------------------------------------------------------ checkpoint mapping
+
+LAYER = "encoder.layer.{i}."  # HF's per-layer prefix in BERT-style checkpoints; "{i}" rows stack under "layers/"
+
+
+def linear_rules(hf: str, ours: str) -> Tuple[checkpoint.Rule, ...]:
+    return (f"{hf}.weight", f"{ours}/kernel", "T"), (f"{hf}.bias", f"{ours}/bias", "")
+
+
+def norm_rules(hf: str, ours: str) -> Tuple[checkpoint.Rule, ...]:
+    return (f"{hf}.weight", f"{ours}/scale", ""), (f"{hf}.bias", f"{ours}/bias", "")
+
+
+def embedding_rules(names: Sequence[str]) -> Tuple[checkpoint.Rule, ...]:
+    return (*((f"embeddings.{n}.weight", f"{n}/embedding", "") for n in names),
+            *norm_rules("embeddings.LayerNorm", "embeddings_norm"))
+
