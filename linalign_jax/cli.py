@@ -164,4 +164,4 @@ def _configure_logging() -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     # jax probes every backend it was built for; on a machine without TPUs that is noise, not news.
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

@@ -666,7 +666,7 @@ def _layerwise_programs(config: DecoderConfig):
         return x, k, v
 
     def end(rest, x):
-        return Norm(config).apply({"params": rest["final_norm"]}, x)
+        return Norm(config.norm_config).apply({"params": rest["final_norm"]}, x)
 
     return jax.jit(begin), jax.jit(layer, donate_argnums=(3, 4)), jax.jit(end)
 
