@@ -14,8 +14,8 @@ LAYERS = (
     ("data",),
     ("models", "tokenizer_compat", "precomputed"),
     ("features",),
-    ("feature_shards", "embedders", "align"),
-    ("evaluate", "similarity", "generate", "helix"),
+    ("feature_shards", "embedders", "align", "similarity"),
+    ("evaluate", "generate", "helix"),
     ("serve", "reports"),
     ("cli",),
 )
