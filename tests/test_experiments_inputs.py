@@ -105,7 +105,8 @@ def test_extract_writes_every_row_with_labels_and_source_rows(files, tmp_path):
     with open(tmp_path / "small.csv", "w", newline="") as f:
         csv.writer(f).writerows([("text", "label")] + rows)
     out = tmp_path / "x" / "feats.npy"
-    done = _extract(f"--model={files / 'target.parquet'}", f"--data={tmp_path / 'small.csv'}", f"--out={out}")
+    done = _extract(f"--model={files / 'target.parquet'}", f"--data={tmp_path / 'small.csv'}", f"--out={out}",
+                    "--nonormalize")  # the raw vectors (the shared extraction default L2-normalises)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "small.csv: 16 rows (split all)" in done.stderr
     vectors, source_rows, labels = (np.load(out.with_name(f"feats{k}.npy")) for k in ("", ".rows", ".labels"))
