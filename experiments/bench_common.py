@@ -7,10 +7,67 @@ import time
 from pathlib import Path
 
 
+# Llama-3-8B's shape (meta-llama/Meta-Llama-3-8B config.json), as LlamaConfig fields.
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def llama_decoder_config(hf: dict, dtype: str):
+    """The `core.DecoderConfig` of a LlamaConfig-fields dict (random-weight benchmark models)."""
+    from linalign_jax.models import core
+
+    return core.DecoderConfig(
+        family="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf["num_key_value_heads"], head_dim=hf["hidden_size"] // hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"], max_position_embeddings=hf["max_position_embeddings"],
+        norm_eps=hf["rms_norm_eps"], rope=core.RopeConfig(theta=hf["rope_theta"]),
+        tie_embeddings=hf["tie_word_embeddings"], dtype=dtype)
+
+
+def random_params(config, seed: int = 0, scale: float = 0.02):
+    """Random weights in the config's dtype, made leaf by leaf on the device (no float32 copy of the whole model:
+    an 8B model would need 32 GB more); norm scales are ones."""
+    import jax
+    import jax.numpy as jnp
+
+    from linalign_jax.models import core
+
+    shapes = jax.eval_shape(lambda key: core.init_params(config, key), jax.random.PRNGKey(0))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    key = jax.random.PRNGKey(seed)
+    out = []
+    for i, (path, leaf) in enumerate(leaves):
+        if getattr(path[-1], "key", None) == "scale":
+            out.append(jnp.ones(leaf.shape, leaf.dtype))
+        else:
+            out.append(jax.jit(lambda k, s=leaf.shape, d=leaf.dtype: (jax.random.normal(k, s, jnp.float32) * scale)
+                               .astype(d))(jax.random.fold_in(key, i)))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def restrict_cpu_threads(threads: int) -> None:
     """Make XLA's CPU backend use `threads` threads; must run before JAX creates its backend."""
     extra = f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} intra_op_parallelism_threads={threads}"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
+
+
+def torch_interpreter(explicit: str = "") -> str:
+    """A Python with torch + transformers for the PyTorch side: `explicit`, else this interpreter when it has torch
+    (the GPU image), else the oracle venv next to the package or the lead's checkout; '' when there is none."""
+    import importlib.util
+    import sys
+
+    if explicit:
+        return explicit
+    if importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None:
+        return sys.executable
+    for candidate in (Path(__file__).resolve().parents[1] / ".venv-oracle" / "bin" / "python",
+                      Path("/work/main/.venv-oracle/bin/python")):
+        if candidate.exists():
+            return str(candidate)
+    return ""
 
 
 def hf_directory(spec: str) -> Path:

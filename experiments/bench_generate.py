@@ -24,7 +24,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.bench_common import hf_directory, load_average, restrict_cpu_threads, timed
+from experiments.bench_common import hf_directory, load_average, restrict_cpu_threads, timed, torch_interpreter
 from linalign_jax import cli
 from linalign_jax.errors import LinalignError
 
@@ -38,8 +38,8 @@ flags.DEFINE_integer("new_tokens", 32, "tokens generated per prompt")
 flags.DEFINE_integer("repeats", 3, "timed runs per side (median)")
 flags.DEFINE_integer("threads", 1, "CPU threads for each side (0 = leave both libraries' defaults)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model dtype")
-flags.DEFINE_string("torch_python", "", "interpreter with torch + transformers ('' = .venv-oracle next to the "
-                    "package, else skip the torch side)")
+flags.DEFINE_string("torch_python", "", "interpreter with torch + transformers ('' = this one if it has torch, "
+                    "else .venv-oracle; none: the torch side is skipped)")
 flags.DEFINE_string("json_out", "runs/bench_generate.json", "JSON output path")
 
 PROMPTS = ("The capital of France is", "Once upon a time, in a small village by the sea,", "Water boils at",
@@ -53,21 +53,11 @@ def prompts(batch: int) -> list:
     return [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
 
 
-def torch_python() -> str:
-    if FLAGS.torch_python:
-        return FLAGS.torch_python
-    oracle = Path(__file__).resolve().parents[1] / ".venv-oracle" / "bin" / "python"
-    for candidate in (oracle, Path("/work/main/.venv-oracle/bin/python")):
-        if candidate.exists():
-            return str(candidate)
-    return ""
-
-
 def run_torch(model_dir: Path, ids, mask) -> dict:
     """The torch side in its own interpreter (bench_generate_torch.py), on exactly these ids."""
     import numpy as np
 
-    python = torch_python()
+    python = torch_interpreter(FLAGS.torch_python)
     if not python:
         return {"skipped": "no interpreter with torch (--torch_python)"}
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,18 @@ a subset, e.g. to redo one that failed):
                                dominate the run), so the rows repeat; throughput is unaffected.
   optax                        the optax map (4096 -> 4096, Adam, batch 4096) via `align.distributed`; train
                                samples/s from two runs of 2 and 52 epochs (compile and transfer time cancel),
-                               and the 52-epoch run's samples/s including them.
+                               and the 52-epoch run's samples/s including them. (Fixed since the 2026-11-30 run,
+                               where the data were jit constants; not measured on a GPU since.)
+  prefill                      the fused attention (`DecoderConfig.attention`): the full forward pass of a random
+                               Llama-3-8B-shaped decoder, bf16, 16 x 512 right-padded, attention="fused" vs
+                               "explicit" (median of 5 after 2 warm-ups): tokens/s, MFU (bench_extract's FLOPs),
+                               fused / explicit and fused / PyTorch sdpa (the extract section's torch side); whether
+                               cuDNN's fmha kernel is in the compiled program; max |fused - explicit| on real tokens;
+                               a 16-step KV-cache decode with the fused config vs the full forward's argmax.
+  decode                       batched greedy decoding, batch 64, random Llama-3-8B shape, bf16, 128-token prompts,
+                               64 new tokens: JAX (`generate.decoding.CacheRows` + LM head + argmax per step, the
+                               loop `generate_batch` runs) vs transformers `generate` (eager, sdpa) in a subprocess
+                               on the same ids; generated tokens/s and the ratio.
 Needs only jax, flax, optax, numpy, absl, safetensors, tokenizers (+ torch and transformers for the PyTorch rows).
 """
 from __future__ import annotations
@@ -33,6 +44,7 @@ import platform  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -50,7 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("smoke", False, "Tiny shapes on whatever device is present: exercises every code path quickly.")
 flags.DEFINE_string("out_dir", "benchmarks", "Where gpu_check_<date>[_smoke].{json,md} are written.")
-flags.DEFINE_list("sections", ["extract", "ridge", "optax"], "Sections to run, in order.")
+flags.DEFINE_list("sections", ["extract", "prefill", "decode", "ridge", "optax"], "Sections to run, in order.")
 
 SIZES = {
     "full": dict(
@@ -58,7 +70,8 @@ SIZES = {
                        "--warmup=2"],
         ridge_rows=1 << 20, ridge_chunk=1 << 16, ridge_pool=4, ridge_dim=4096,
         optax_rows=1 << 18, optax_dim=4096, optax_batch=4096, optax_epochs=(2, 52),
-        budget_s=dict(extract=220, ridge=160, optax=70),
+        llama_layers=32, prefill_batch=16, prefill_length=512, decode_batch=64, decode_prompt=128, decode_new=64,
+        budget_s=dict(extract=100, prefill=60, decode=120, ridge=90, optax=90),
     ),
     "smoke": dict(
         # bench_extract's random model is always 4096 wide (~15 GB of host memory even at one layer), too big for a
@@ -67,7 +80,9 @@ SIZES = {
                        "--warmup=1"],
         ridge_rows=1 << 12, ridge_chunk=1 << 10, ridge_pool=2, ridge_dim=32,
         optax_rows=1 << 11, optax_dim=32, optax_batch=256, optax_epochs=(1, 3),
-        budget_s=dict(extract=200, ridge=60, optax=60),
+        llama_layers=2, llama_shrink=True, prefill_batch=2, prefill_length=32, decode_batch=4, decode_prompt=16,
+        decode_new=4,
+        budget_s=dict(extract=200, prefill=120, decode=200, ridge=60, optax=60),
     ),
 }
 
@@ -214,9 +229,139 @@ def optax_train(size: Dict[str, Any]) -> Dict:
     return row
 
 
+# ------------------------------------------------------------------------------------------ prefill and decoding
+
+def llama_shape(size: Dict[str, Any]) -> dict:
+    """Llama-3-8B's LlamaConfig fields with size["llama_layers"] layers (--smoke: a narrow model, same code)."""
+    from experiments.bench_common import LLAMA3_8B
+
+    hf = {**LLAMA3_8B, "num_hidden_layers": size["llama_layers"]}
+    if size.get("llama_shrink"):
+        hf.update(vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    return hf
+
+
+def median_seconds(run, warmup: int = 2, repeats: int = 5) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(run())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def prefill(size: Dict[str, Any], report: Dict[str, Any]) -> Dict:
+    import dataclasses
+    import functools
+
+    from experiments.bench_common import llama_decoder_config, random_params
+    from linalign_jax.models import core, decoder_model
+
+    dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    config = llama_decoder_config(llama_shape(size), dtype)
+    params = random_params(config)
+    B, T = size["prefill_batch"], size["prefill_length"]
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(T // 2, T + 1, B)
+    lengths[0] = T
+    ids = jnp.asarray(rng.integers(10, config.vocab_size, (B, T)), jnp.int32)
+    mask = jnp.asarray(np.arange(T)[None] < lengths[:, None], jnp.int32)   # right-padded
+    kernels = sum(int(np.prod(leaf.shape)) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+                  if getattr(path[-1], "key", None) == "kernel")
+    flops = 2.0 * kernels * B * T + 4.0 * config.num_layers * B * T ** 2 * config.num_heads * config.head_dim
+    row, outputs = {"batch": B, "length": T, "dtype": dtype, "layers": config.num_layers}, {}
+    for impl in ("fused", "explicit"):
+        cfg = dataclasses.replace(config, attention=impl)
+        forward = jax.jit(functools.partial(core.forward, cfg))
+        seconds = median_seconds(lambda: forward(params, ids, mask).last_hidden_state)
+        row[impl] = {"seconds": seconds, "tokens_per_s": B * T / seconds, "tflops": flops / seconds / 1e12}
+        outputs[impl] = np.asarray(forward(params, ids, mask).last_hidden_state, np.float32)
+        if impl == "fused":
+            row["cudnn_fmha"] = "cudnn" in forward.lower(params, ids, mask).compile().as_text().lower()
+    real = np.asarray(mask, bool)
+    diff = np.abs(outputs["fused"] - outputs["explicit"])[real]
+    row["max_abs_fused_minus_explicit"] = float(diff.max())
+    row["relative_fused_minus_explicit"] = float(diff.max() / np.abs(outputs["explicit"][real]).max())
+    row["fused_vs_explicit"] = row["explicit"]["seconds"] / row["fused"]["seconds"]
+    peak = next((p for name, p in {"H200": 989.0, "H100": 989.0}.items() if name in jax.devices()[0].device_kind),
+                None)
+    row["mfu_fused"] = row["fused"]["tflops"] / peak if peak and dtype == "bfloat16" else None
+    torch_side = report["sections"].get("extract", {}).get("sides", {}).get("torch")
+    if torch_side and torch_side.get("tokens_per_second"):
+        row["fused_vs_torch_sdpa"] = row["fused"]["tokens_per_s"] / torch_side["tokens_per_second"]
+    # 16 KV-cache steps with the fused config: each step's argmax equals the full forward pass's.
+    fused = decoder_model(dataclasses.replace(config, attention="fused"), params, None, spec="random", fingerprint="r")
+    steps, prompt = 16, ids[:1, :T // 2]
+    cache = fused.init_cache(1, T // 2 + steps)
+    out, cache = fused.extend(params, prompt, jnp.ones_like(prompt), cache)
+    tokens = [int(jnp.argmax(fused.lm_head(params, out.last_hidden_state[:, -1])[0]))]
+    for _ in range(steps - 1):
+        step = jnp.asarray([[tokens[-1]]], jnp.int32)
+        out, cache = fused.extend(params, step, jnp.ones_like(step), cache)
+        tokens.append(int(jnp.argmax(fused.lm_head(params, out.last_hidden_state[:, -1])[0])))
+    full_ids = jnp.concatenate([prompt, jnp.asarray([tokens[:-1]], jnp.int32)], axis=1)
+    full = fused.forward(params, full_ids, jnp.ones_like(full_ids)).last_hidden_state
+    reference = np.asarray(jnp.argmax(fused.lm_head(params, full[0, T // 2 - 1:]), -1)).tolist()
+    row["kv_decode_argmax_equal_steps"] = sum(a == b for a, b in zip(tokens, reference))
+    row["kv_decode_steps"] = steps
+    return row
+
+
+def decode(size: Dict[str, Any], report: Dict[str, Any]) -> Dict:
+    from experiments.bench_common import llama_decoder_config, random_params, torch_interpreter
+    from linalign_jax.generate.decoding import CacheRows
+    from linalign_jax.models import decoder_model
+
+    dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    hf = llama_shape(size)
+    config = llama_decoder_config(hf, dtype)
+    model = decoder_model(config, random_params(config), None, spec="random-llama3-8b-shape", fingerprint="random")
+    B, P, N = size["decode_batch"], size["decode_prompt"], size["decode_new"]
+    ids = np.random.default_rng(1).integers(10, config.vocab_size, (B, P)).astype(np.int32)
+    head = jax.jit(lambda params, hidden: jnp.argmax(model.lm_head_fn(params, hidden), -1))
+
+    def run():
+        rows = CacheRows(model, B, P + N)
+        rows.prefill(ids.tolist())
+        generated = []
+        for step in range(N):
+            tokens = np.asarray(head(model.params, rows.hidden))   # to the host every step, as generate_batch does
+            generated.append(tokens)
+            if step + 1 < N:
+                rows.feed(dict(enumerate(tokens.tolist())))
+        return np.stack(generated, 1)
+
+    ours = run()  # compiles
+    seconds = median_seconds(run, warmup=0, repeats=3)
+    row = {"batch": B, "prompt": P, "new_tokens": N, "dtype": dtype, "layers": config.num_layers,
+           "jax": {"seconds": seconds, "tokens_per_s": B * N / seconds}}
+    del model
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/ids.npy", ids)
+        np.save(f"{tmp}/mask.npy", np.ones_like(ids))
+        spec = {"model_dir": None, "random_llama": hf, "ids": f"{tmp}/ids.npy", "mask": f"{tmp}/mask.npy",
+                "new_tokens": N, "repeats": 2, "warmup": 1, "dtype": dtype, "threads": 0}
+        proc = subprocess.run([torch_interpreter(), str(REPO / "experiments" / "bench_generate_torch.py"), json.dumps(spec)],
+                              capture_output=True, text=True, timeout=size["budget_s"]["decode"], cwd=REPO)
+    if proc.returncode != 0:
+        row["torch_error"] = proc.stderr[-2000:]
+        return row
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    torch_seconds = float(np.median(theirs["seconds"]))
+    row["torch"] = {"seconds": torch_seconds, "tokens_per_s": B * N / torch_seconds, "device": theirs["device"],
+                    "torch": theirs["torch"], "transformers": theirs["transformers"]}
+    row["jax_vs_torch"] = row["jax"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
+    row["first_token_agreement"] = float(np.mean(ours[:, 0] == np.asarray(theirs["new_ids"])[:, 0]))
+    return row
+
+
 # ------------------------------------------------------------------------------------------------------- reporting
 
-SECTIONS: Dict[str, Callable[[Dict[str, Any]], Dict]] = {"extract": extract, "ridge": ridge, "optax": optax_train}
+SECTIONS: Dict[str, Callable[..., Dict]] = {"extract": extract, "prefill": prefill, "decode": decode, "ridge": ridge,
+                                            "optax": optax_train}
+NEEDS_REPORT = ("prefill", "decode")
 
 
 def machine() -> Dict[str, Any]:
@@ -261,6 +406,19 @@ def markdown(report: Dict[str, Any]) -> str:
                        f"solve {fmt(result['solve_s'])} s = {fmt(result['rows_per_s'])} rows/s; rel. err. of W vs "
                        f"torch float64 {fmt(result.get('rel_err_W_vs_torch_f64'))} (torch: "
                        f"{fmt(result.get('torch_f64_s'))} s)")
+        elif name == "prefill":
+            numbers = (f"fused {fmt(result['fused']['tokens_per_s'])} tokens/s ({fmt(result['fused']['tflops'])} "
+                       f"TFLOP/s, MFU {fmt(result['mfu_fused'] and 100 * result['mfu_fused'])}%), explicit "
+                       f"{fmt(result['explicit']['tokens_per_s'])}; fused / explicit "
+                       f"{fmt(result['fused_vs_explicit'])}x, fused / torch sdpa {fmt(result.get('fused_vs_torch_sdpa'))}x;"
+                       f" cudnn_fmha: {str(result['cudnn_fmha']).lower()}; max |fused - explicit| "
+                       f"{fmt(result['max_abs_fused_minus_explicit'])} (rel. {fmt(result['relative_fused_minus_explicit'])}"
+                       f"); KV decode argmax equal {result['kv_decode_argmax_equal_steps']}/{result['kv_decode_steps']}")
+        elif name == "decode":
+            numbers = (f"batch {result['batch']} x {result['new_tokens']} new tokens ({result['prompt']}-token prompts, "
+                       f"{result['dtype']}): JAX {fmt(result['jax']['tokens_per_s'])} tokens/s, PyTorch "
+                       f"{fmt(result.get('torch', {}).get('tokens_per_s'))} tokens/s; JAX / PyTorch "
+                       f"{fmt(result.get('jax_vs_torch'))}x")
         else:
             numbers = (f"{fmt(result['samples_per_s'])} samples/s, {fmt(result['steps_per_s'])} steps/s "
                        f"(batch {result['batch']}, {result['dim']} -> {result['dim']}; "
@@ -285,7 +443,7 @@ def main(argv):
         section_start = time.perf_counter()
         try:
             with time_budget(size["budget_s"][name]):
-                result = SECTIONS[name](size)
+                result = (SECTIONS[name](size, report) if name in NEEDS_REPORT else SECTIONS[name](size))
         except Exception:  # noqa: BLE001  -- report and go on: one broken section must not hide the others
             result = {"error": traceback.format_exc()}
             log(f"section {name} failed:\n{result['error']}")
