@@ -35,6 +35,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from experiments.bench_common import (LLAMA3_8B, hf_directory, llama_decoder_config, measured_peak_tflops,
+                                       restrict_cpu_threads)
 from linalign_jax import cli
 
 FLAGS = flags.FLAGS
@@ -56,18 +58,8 @@ flags.DEFINE_string("json_out", "", "write all results here (JSON)")
 
 REPO = Path(__file__).resolve().parents[1]
 TORCH_WORKER = REPO / "experiments" / "bench_extract_torch.py"
-# Llama-3-8B's shape (meta-llama/Meta-Llama-3-8B config.json), as LlamaConfig fields.
-LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-                 rms_norm_eps=1e-5, tie_word_embeddings=False)
 DENSE_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0}
 LOW_TOKEN_ID = 10  # random ids start above the special ids (MPNet derives positions from "id != pad")
-
-
-def restrict_cpu_threads(threads: int) -> None:
-    """Make XLA's CPU backend use `threads` threads; must run before JAX creates its backend."""
-    extra = f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} intra_op_parallelism_threads={threads}"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + extra).strip()
 
 
 def random_llama_config() -> dict:
@@ -83,27 +75,10 @@ def jax_model():
     from linalign_jax.models import core, decoder_model, load_model
 
     if FLAGS.random_llama8b:
-        hf = random_llama_config()
-        config = core.DecoderConfig(
-            family="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-            num_kv_heads=hf["num_key_value_heads"], head_dim=hf["hidden_size"] // hf["num_attention_heads"],
-            intermediate_size=hf["intermediate_size"], max_position_embeddings=hf["max_position_embeddings"],
-            norm_eps=hf["rms_norm_eps"], rope=core.RopeConfig(theta=hf["rope_theta"]), tie_embeddings=False,
-            dtype=FLAGS.dtype)
+        config = llama_decoder_config(random_llama_config(), FLAGS.dtype)
         params = jax.jit(functools.partial(core.init_params, config))(jax.random.PRNGKey(0))
         return decoder_model(config, params, None, spec="random-llama3-8b-shape", fingerprint="random")
     return load_model(FLAGS.model, dtype=FLAGS.dtype)
-
-
-def hf_directory(spec: str) -> Path:
-    """The HF directory load_model reads for `spec` (a GGUF file's materialised copy), for the torch side."""
-    from linalign_jax.assets import resolve_model
-    from linalign_jax.models import gguf
-
-    path = Path(spec).expanduser()
-    path = path if path.exists() else Path(resolve_model(spec))
-    return gguf.materialize(path) if gguf.is_gguf(path) else path
 
 
 def flops_per_batch(model, batch: int, length: int) -> float:
@@ -163,23 +138,6 @@ def run_jax(model, ids, pooling: str) -> dict:
     return {"batch_seconds": wall, "batch_cpu_seconds": cpu, "warmup_seconds": warmup_seconds,
             "pooled_head": np.asarray(pooled[:2], np.float32).tolist(), "jax": jax.__version__,
             "device": mesh.devices.flat[0].device_kind, "devices": int(mesh.devices.size)}
-
-
-def measured_peak_tflops(dtype: str) -> float:
-    """Best of 5 plain n x n @ n x n products in `dtype` on JAX's default device (after one compile)."""
-    import jax
-    import jax.numpy as jnp
-
-    n = FLAGS.peak_size or (8192 if jax.default_backend() == "gpu" else 2048)
-    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
-    matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * n ** 3 / best / 1e12
 
 
 def summarize(side: dict, tokens: int, flops: float, peak) -> None:
@@ -253,7 +211,7 @@ def main(argv):
     device_kind = jax.devices()[0].device_kind
     flops = flops_per_batch(model, FLAGS.batch, FLAGS.length)
     peak = nominal_peak_tflops(device_kind)
-    result["sides"]["jax"]["peak_tflops"] = measured_peak_tflops(FLAGS.dtype)
+    result["sides"]["jax"]["peak_tflops"] = measured_peak_tflops(FLAGS.dtype, FLAGS.peak_size)
     result.update(backend=jax.default_backend(), device_kind=device_kind, flops_per_batch=flops,
                   nominal_peak_tflops=peak, peak_tflops=result["sides"]["jax"]["peak_tflops"],
                   pooling=pooling)

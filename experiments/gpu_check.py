@@ -257,6 +257,7 @@ def prefill(size: Dict[str, Any], report: Dict[str, Any]) -> Dict:
     import functools
 
     from experiments.bench_common import llama_decoder_config, random_params
+    from experiments.bench_extract import DENSE_BF16_PEAK_TFLOPS, flops_per_batch
     from linalign_jax.models import core, decoder_model
 
     dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
@@ -268,9 +269,8 @@ def prefill(size: Dict[str, Any], report: Dict[str, Any]) -> Dict:
     lengths[0] = T
     ids = jnp.asarray(rng.integers(10, config.vocab_size, (B, T)), jnp.int32)
     mask = jnp.asarray(np.arange(T)[None] < lengths[:, None], jnp.int32)   # right-padded
-    kernels = sum(int(np.prod(leaf.shape)) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-                  if getattr(path[-1], "key", None) == "kernel")
-    flops = 2.0 * kernels * B * T + 4.0 * config.num_layers * B * T ** 2 * config.num_heads * config.head_dim
+    fused = decoder_model(dataclasses.replace(config, attention="fused"), params, None, spec="random", fingerprint="r")
+    flops = flops_per_batch(fused, B, T)
     row, outputs = {"batch": B, "length": T, "dtype": dtype, "layers": config.num_layers}, {}
     for impl in ("fused", "explicit"):
         cfg = dataclasses.replace(config, attention=impl)
@@ -285,14 +285,12 @@ def prefill(size: Dict[str, Any], report: Dict[str, Any]) -> Dict:
     row["max_abs_fused_minus_explicit"] = float(diff.max())
     row["relative_fused_minus_explicit"] = float(diff.max() / np.abs(outputs["explicit"][real]).max())
     row["fused_vs_explicit"] = row["explicit"]["seconds"] / row["fused"]["seconds"]
-    peak = next((p for name, p in {"H200": 989.0, "H100": 989.0}.items() if name in jax.devices()[0].device_kind),
-                None)
+    peak = next((p for name, p in DENSE_BF16_PEAK_TFLOPS.items() if name in jax.devices()[0].device_kind), None)
     row["mfu_fused"] = row["fused"]["tflops"] / peak if peak and dtype == "bfloat16" else None
     torch_side = report["sections"].get("extract", {}).get("sides", {}).get("torch")
     if torch_side and torch_side.get("tokens_per_second"):
         row["fused_vs_torch_sdpa"] = row["fused"]["tokens_per_s"] / torch_side["tokens_per_second"]
     # 16 KV-cache steps with the fused config: each step's argmax equals the full forward pass's.
-    fused = decoder_model(dataclasses.replace(config, attention="fused"), params, None, spec="random", fingerprint="r")
     steps, prompt = 16, ids[:1, :T // 2]
     cache = fused.init_cache(1, T // 2 + steps)
     out, cache = fused.extend(params, prompt, jnp.ones_like(prompt), cache)
