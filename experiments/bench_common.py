@@ -55,7 +55,7 @@ def restrict_cpu_threads(threads: int) -> None:
 
 def torch_interpreter(explicit: str = "") -> str:
     """A Python with torch + transformers for the PyTorch side: `explicit`, else this interpreter when it has torch
-    (the GPU image), else the oracle venv next to the package or the lead's checkout; '' when there is none."""
+    (the GPU image), else the oracle venv next to the package; '' when there is none."""
     import importlib.util
     import sys
 
@@ -63,11 +63,8 @@ def torch_interpreter(explicit: str = "") -> str:
         return explicit
     if importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None:
         return sys.executable
-    for candidate in (Path(__file__).resolve().parents[1] / ".venv-oracle" / "bin" / "python",
-                      Path("/work/main/.venv-oracle/bin/python")):
-        if candidate.exists():
-            return str(candidate)
-    return ""
+    oracle = Path(__file__).resolve().parents[1] / ".venv-oracle" / "bin" / "python"
+    return str(oracle) if oracle.exists() else ""
 
 
 def hf_directory(spec: str) -> Path:

@@ -36,7 +36,7 @@ from pathlib import Path
 from absl import app, flags
 
 from experiments.bench_common import (LLAMA3_8B, hf_directory, llama_decoder_config, measured_peak_tflops,
-                                       restrict_cpu_threads)
+                                       restrict_cpu_threads, torch_interpreter)
 from linalign_jax import cli
 
 FLAGS = flags.FLAGS
@@ -94,8 +94,7 @@ def flops_per_batch(model, batch: int, length: int) -> float:
 
 
 def run_torch(ids_path: Path, model_dir, pooling: str) -> dict:
-    oracle = REPO / ".venv-oracle" / "bin" / "python"
-    python = FLAGS.torch_python or (str(oracle) if oracle.exists() else sys.executable)
+    python = torch_interpreter(FLAGS.torch_python) or sys.executable
     spec = {"model_dir": str(model_dir) if model_dir else None,
             "random_llama": random_llama_config() if FLAGS.random_llama8b else None,
             "ids": str(ids_path), "n_batches": FLAGS.n_batches, "warmup": FLAGS.warmup, "dtype": FLAGS.dtype,
