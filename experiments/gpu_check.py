@@ -336,12 +336,16 @@ def decode(size: Dict[str, Any], report: Dict[str, Any]) -> Dict:
     row = {"batch": B, "prompt": P, "new_tokens": N, "dtype": dtype, "layers": config.num_layers,
            "jax": {"seconds": seconds, "tokens_per_s": B * N / seconds}}
     del model
+    python = torch_interpreter()
+    if not python:
+        row["torch_error"] = "no interpreter with torch + transformers (this one, or .venv-oracle)"
+        return row
     with tempfile.TemporaryDirectory() as tmp:
         np.save(f"{tmp}/ids.npy", ids)
         np.save(f"{tmp}/mask.npy", np.ones_like(ids))
         spec = {"model_dir": None, "random_llama": hf, "ids": f"{tmp}/ids.npy", "mask": f"{tmp}/mask.npy",
                 "new_tokens": N, "repeats": 2, "warmup": 1, "dtype": dtype, "threads": 0}
-        proc = subprocess.run([torch_interpreter(), str(REPO / "experiments" / "bench_generate_torch.py"), json.dumps(spec)],
+        proc = subprocess.run([python, str(REPO / "experiments" / "bench_generate_torch.py"), json.dumps(spec)],
                               capture_output=True, text=True, timeout=size["budget_s"]["decode"], cwd=REPO)
     if proc.returncode != 0:
         row["torch_error"] = proc.stderr[-2000:]
