@@ -24,7 +24,6 @@ import jax
 from absl import app, flags
 
 from linalign_jax import cli, distributed
-from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
 cli.define_model_flags("source_model", "target_model")
@@ -43,15 +42,16 @@ def run() -> dict:
     from linalign_jax.align.maps import save_map
     from linalign_jax.align.optax_map import OptaxMapConfig
     from linalign_jax.align.ridge import parse_lambda
-    from linalign_jax.data import fingerprint, load_texts
+    from linalign_jax.data import checks, fingerprint, load_texts
     from linalign_jax.feature_shards import extract_to_shards
     from linalign_jax.models import load_model
 
-    if FLAGS.limit < 0:
-        raise LinalignError(f"--limit must be >= 0, got {FLAGS.limit}")
+    checks.check_limits(limit=FLAGS.limit)  # every input before a model loads
     lam = parse_lambda(FLAGS.ridge_lambda)
     out_dir = Path(FLAGS.out_dir)
-    texts = load_texts(FLAGS.data, limit=FLAGS.limit or None)
+    texts = load_texts(FLAGS.data, limit=FLAGS.limit or None, seed=FLAGS.data_seed, text_column=FLAGS.text_column)
+    checks.check_rows(FLAGS.data, len(texts), max(2, jax.process_count()), "a map fit (at least one row per "
+                      "process)", "raise --limit or give more texts")
     data_fingerprint = fingerprint(texts)
     options = cli.extraction_options()
     mesh = distributed.local_mesh(FLAGS.model_axis_size)

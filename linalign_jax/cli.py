@@ -151,7 +151,35 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
         with exit_on_bad_input():
             main(argv)
 
-    app.run(wrapped)
+    try:
+        argv = flagfile_values_replaced(sys.argv, FLAGS)
+    except Exception:  # an unreadable flagfile: absl's own parse reports it
+        argv = sys.argv
+    app.run(wrapped, argv=argv)
+
+
+def flagfile_values_replaced(argv: Sequence[str], flag_values=FLAGS) -> list:
+    """`argv` with every --flagfile expanded in place, minus a flagfile's values of each repeatable flag that the
+    command line gives too. absl appends repeated values of a multi flag (`--prompt` after a flagfile's prompts
+    would add to them); with this, a flag on the command line replaces the flagfile's value for every flag alike."""
+
+    def name(arg: str):
+        return arg.lstrip("-").split("=", 1)[0] if arg.startswith("-") and arg not in ("-", "--") else None
+
+    args, joined = list(argv[1:]), []
+    while args:  # "--flagfile F" -> "--flagfile=F"
+        arg = args.pop(0)
+        joined.append(f"--flagfile={args.pop(0)}" if name(arg) == "flagfile" and "=" not in arg and args else arg)
+    direct = {name(a) for a in joined if name(a) and name(a) != "flagfile"}
+    repeated = {n for n in direct if n in flag_values and isinstance(flag_values[n], flags.MultiFlag)}
+    out = [argv[0]]
+    for arg in joined:
+        if name(arg) == "flagfile":
+            expanded = flag_values.read_flags_from_files([argv[0], arg], force_gnu=True)[1:]
+            out += [a for a in expanded if name(a) not in repeated]
+        else:
+            out.append(arg)
+    return out
 
 
 def _configure_logging() -> None:
