@@ -60,7 +60,7 @@ def run(command: str) -> dict:
     embedder = open_embedder(FLAGS.model, dtype=FLAGS.dtype)
     data_fingerprint = fingerprint(texts)
     result = embedder.features(texts, data_fingerprint, cache=FLAGS.cache, data=FLAGS.data,
-                               **cli.extraction_options().cache_kwargs())
+                               **cli.extraction_options().cache_kwargs(embedder.model))
 
     def beside(kind: str) -> Path:  # FILE.npy -> FILE<kind>.npy
         return out.with_name(out.name[:-len(".npy")] + kind + ".npy")

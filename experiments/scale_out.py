@@ -59,7 +59,7 @@ def run() -> dict:
     for side, spec in (("source", FLAGS.source_model), ("target", FLAGS.target_model)):
         model = load_model(spec, dtype=FLAGS.dtype)
         _, rows[side] = extract_to_shards(model, texts, out_dir / "features" / side,
-                                          data_fingerprint=data_fingerprint, mesh=mesh, **options.cache_kwargs())
+                                          data_fingerprint=data_fingerprint, mesh=mesh, **options.cache_kwargs(model))
         models[side] = {"spec": spec, "fingerprint": model.fingerprint}
         del model
     if FLAGS.map == "ridge":

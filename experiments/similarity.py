@@ -72,7 +72,7 @@ def _run_into(out_dir: Path, texts: list, data_fp: str, command: str) -> dict:
     features, models = {}, []
     for spec in FLAGS.models:
         embedder = open_embedder(spec, dtype=FLAGS.dtype)
-        fs = embedder.features(texts, data_fp, data=FLAGS.data, **cli.extraction_options().cache_kwargs())
+        fs = embedder.features(texts, data_fp, data=FLAGS.data, **cli.extraction_options().cache_kwargs(embedder.model))
         features[spec] = fs.array
         models.append({**embedder.info(), "cache": fs.metadata.get("cache")})
         del embedder

@@ -23,7 +23,7 @@ from absl import app, flags
 
 from linalign_jax.distributed import MODES, initialize
 from linalign_jax.errors import LinalignError, exit_on_bad_input
-from linalign_jax.features import ExtractOptions
+from linalign_jax.features import PROJECT_DEFAULTS, ExtractOptions
 
 FLAGS = flags.FLAGS
 DTYPES = ("float32", "bfloat16")
@@ -86,18 +86,27 @@ def define_data_flags(*specs: str) -> None:
 
 
 def define_extraction_flags(pooled: bool = True) -> None:
-    """--max_length, --batch_size and, for pooled (cacheable) features, --pooling, --layer, --normalize and
-    --feature_cache."""
+    """--max_length, --batch_size and, for pooled (cacheable) features, --pooling, --layer, --normalize,
+    --instruction and --feature_cache. Pooled binaries leave --pooling / --normalize / --max_length unset by default:
+    the model's own metadata decides (features.ExtractOptions.cache_kwargs), then features.PROJECT_DEFAULTS."""
     if _defined("max_length"):
         return
     d = ExtractOptions()
-    flags.DEFINE_integer("max_length", d.max_length, "tokens per text; longer texts are truncated and counted")
+    unset = " (default: the model's own metadata, else {})"
+    flags.DEFINE_integer("max_length", d.max_length if pooled else PROJECT_DEFAULTS["max_length"],
+                         "tokens per text; longer texts are truncated and counted"
+                         + (unset.format(PROJECT_DEFAULTS["max_length"]) if pooled else ""))
     flags.DEFINE_integer("batch_size", d.batch_size, "texts per forward pass (per process)")
     if pooled:
         flags.DEFINE_string("feature_cache", d.cache_dir, "feature cache directory (default $LINALIGN_CACHE/features)")
-        flags.DEFINE_enum("pooling", d.pooling, ["mean", "last", "cls"], "how token states become one vector per text")
+        flags.DEFINE_enum("pooling", d.pooling, ["mean", "last", "cls"], "how token states become one vector per text"
+                          + unset.format(PROJECT_DEFAULTS["pooling"]))
         flags.DEFINE_integer("layer", d.layer, "-1: final hidden state (after the final norm); i: hidden_states[i]")
-        flags.DEFINE_bool("normalize", d.normalize, "L2-normalise each pooled vector (sentence-transformers' output)")
+        flags.DEFINE_bool("normalize", d.normalize, "L2-normalise each pooled vector (sentence-transformers' output)"
+                          + unset.format(PROJECT_DEFAULTS["normalize"]))
+        flags.DEFINE_string("instruction", d.instruction, "task of an instruction-aware embedder (e5-mistral, "
+                            "Qwen3-Embedding: 'Instruct: <task>' prompts); default: its documented default task; "
+                            "'' = embed the bare texts")
 
 
 def extraction_options() -> ExtractOptions:
@@ -109,7 +118,8 @@ def extraction_options() -> ExtractOptions:
 
     return ExtractOptions(pooling=value("pooling", d.pooling), layer=value("layer", d.layer),
                           max_length=FLAGS.max_length, normalize=value("normalize", d.normalize),
-                          batch_size=FLAGS.batch_size, cache_dir=value("feature_cache", d.cache_dir))
+                          batch_size=FLAGS.batch_size, cache_dir=value("feature_cache", d.cache_dir),
+                          instruction=value("instruction", d.instruction))
 
 
 def define_distributed_flags() -> None:

@@ -6,7 +6,7 @@ through the feature cache) or a precomputed embeddings file (`linalign_jax.preco
     embedder.info()   # {"spec", "fingerprint", "family", "dim"} for results and map metadata
     arrays, status = embed_sets(embedder, {"train": texts, ...}, options)   # every named set, cached
 
-A precomputed file ignores pooling, layer, max_length and batch_size (its vectors are already pooled) and applies
+A precomputed file ignores pooling, layer, max_length, batch_size and instruction (its vectors are already pooled) and applies
 `normalize` itself; its fingerprint names the model and dim, so a map fitted on one file's rows checks against
 another file of the same model.
 """
@@ -36,7 +36,8 @@ class Embedder:
 
     def features(self, texts: Sequence[str], data_fingerprint: Optional[str] = None, *, pooling: str = "mean",
                  layer: int = -1, max_length: int = 128, normalize: bool = False, batch_size: int = 64,
-                 cache: bool = True, cache_dir=None, data: str = "the data") -> FeatureSet:
+                 cache: bool = True, cache_dir=None, data: str = "the data",
+                 instruction: Optional[str] = None) -> FeatureSet:
         """[N, dim] float32 features of `texts`; `data` names them in errors (e.g. the dataset spec)."""
         texts = list(texts)
         if self.file is not None:
@@ -51,7 +52,7 @@ class Embedder:
         from linalign_jax.data import fingerprint
 
         settings = dict(pooling=pooling, layer=layer, max_length=max_length, normalize=normalize,
-                        batch_size=batch_size)
+                        batch_size=batch_size, instruction=instruction)
         if not cache:
             return extraction.extract_features(self.model, texts, **settings)
         return extraction.cached_features(self.model, texts, data_fingerprint or fingerprint(texts),
@@ -77,7 +78,8 @@ def embed_sets(embedder: Embedder, sets: Mapping[str, Sequence[str]], options: E
     extraction time; `names` (set -> e.g. "trec (train)") names a set in errors."""
     arrays, status = {}, {}
     for name, texts in sets.items():
-        result = embedder.features(texts, data=(names or {}).get(name, name), **options.cache_kwargs())
+        result = embedder.features(texts, data=(names or {}).get(name, name), **options.cache_kwargs(embedder.model))
         arrays[name] = result.array
-        status[name] = {"cache": result.metadata.get("cache"), "seconds": result.metadata.get("seconds")}
+        status[name] = {"cache": result.metadata.get("cache"), "seconds": result.metadata.get("seconds"),
+                        **{k: result.metadata.get(k) for k in ("pooling", "normalize", "max_length", "prompt")}}
     return arrays, status

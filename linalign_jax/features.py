@@ -16,8 +16,11 @@ Pooling (all over the real tokens only, whatever the padding side):
 hidden state of one forward pass, pooled: an array [L + 1, N, d] (index = the `hidden_states` index), cached like any
 other entry — one extraction feeds a whole layer sweep.
 
+Embedding models' own conventions (models/conventions.py: an instruction prompt, an appended EOS, a padding side)
+are applied to every text; the prompt as applied and the EOS are part of the cache key.
+
 The cache (`cached_features`) keys an entry by everything that determines it: the model's weight fingerprint, the
-dataset fingerprint, pooling, layer, max_length and normalize. Each entry is `<key>.npy` plus `<key>.json` (shape,
+dataset fingerprint, pooling, layer, max_length, normalize (and the prompt / EOS where a model has them). Each entry is `<key>.npy` plus `<key>.json` (shape,
 key fields, sha256 of the .npy, truncated count, timing); the JSON is written last, so it marks a complete entry, and
 an entry whose array fails its checksum or shape is logged and recomputed.
 """
@@ -49,21 +52,37 @@ POOLINGS = ("mean", "last", "cls", "tokens")
 CACHE_FORMAT = 1  # bump when the meaning of a cached array changes
 
 
+# The project's extraction defaults, used where neither the caller nor the model's own metadata says otherwise.
+PROJECT_DEFAULTS = {"pooling": "mean", "max_length": 128, "normalize": True}
+
+
 @dataclasses.dataclass(frozen=True)
 class ExtractOptions:
     """How texts become pooled features, and where they are cached: THE defaults of every binary's extraction flags
-    (`cli.define_extraction_flags`). All but `batch_size` and `cache_dir` are part of the feature-cache key."""
+    (`cli.define_extraction_flags`). All but `batch_size` and `cache_dir` are part of the feature-cache key.
 
-    pooling: str = "mean"
+    pooling / max_length / normalize None = unset: `cache_kwargs(model)` takes the model's conventions
+    (sentence-transformers metadata, documented instruction formats: models/conventions.py), then PROJECT_DEFAULTS.
+    instruction None = the model's documented default task (if it has an instruction format), "" = no prompt.
+    """
+
+    pooling: Optional[str] = None
     layer: int = -1
-    max_length: int = 128
-    normalize: bool = True
+    max_length: Optional[int] = None
+    normalize: Optional[bool] = None
     batch_size: int = 64
     cache_dir: Optional[str] = None
+    instruction: Optional[str] = None
 
-    def cache_kwargs(self) -> Dict[str, Any]:
-        """Keyword arguments of `cached_features`."""
-        return dataclasses.asdict(self)
+    def cache_kwargs(self, model: Optional[LoadedModel] = None) -> Dict[str, Any]:
+        """Keyword arguments of `cached_features`, unset fields resolved for `model` (None: project defaults)."""
+        kwargs = dataclasses.asdict(self)
+        own = getattr(model, "conventions", None)
+        for name, default in PROJECT_DEFAULTS.items():
+            if kwargs[name] is None:
+                kwargs[name] = getattr(own, name, None)
+                kwargs[name] = default if kwargs[name] is None else kwargs[name]
+        return kwargs
 
 
 @dataclasses.dataclass
@@ -159,18 +178,30 @@ def _plain_tokenizer(tokenizer, max_length: int) -> Iterator[Any]:
             tokenizer.enable_padding(**padding)
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> Tokenized:
-    """Token ids (with the tokenizer's special tokens), char spans and truncation flags, one entry per text."""
+def tokenize(tokenizer, texts: Sequence[str], max_length: int, eos_id: Optional[int] = None) -> Tokenized:
+    """Token ids (with the tokenizer's special tokens), char spans and truncation flags, one entry per text.
+
+    eos_id: every text's ids end with it (appended after truncating to max_length - 1, unless the tokenizer already
+    put it last), as e5-mistral and Qwen3-Embedding are run; the appended token spans no characters."""
     with _plain_tokenizer(tokenizer, max_length) as tok:
         encodings = tok.encode_batch(list(texts))
     empty = [i for i, e in enumerate(encodings) if not e.ids]
     if empty:
         raise LinalignError(f"{len(empty)} texts give no tokens at all (e.g. index {empty[0]}: {texts[empty[0]]!r}); "
                             "remove them or use a tokenizer that adds special tokens")
-    return Tokenized(ids=[np.asarray(e.ids, np.int32) for e in encodings],
-                     offsets=[np.asarray(e.offsets, np.int32).reshape(-1, 2) for e in encodings],
-                     special=[np.asarray(e.special_tokens_mask, bool) for e in encodings],
-                     truncated=np.asarray([bool(e.overflowing) for e in encodings]))
+    tokens = Tokenized(ids=[np.asarray(e.ids, np.int32) for e in encodings],
+                       offsets=[np.asarray(e.offsets, np.int32).reshape(-1, 2) for e in encodings],
+                       special=[np.asarray(e.special_tokens_mask, bool) for e in encodings],
+                       truncated=np.asarray([bool(e.overflowing) for e in encodings]))
+    if eos_id is not None:
+        for i, (text, ids) in enumerate(zip(texts, tokens.ids)):
+            if ids[-1] != eos_id:
+                keep = min(len(ids), max_length - 1)
+                tokens.ids[i] = np.append(ids[:keep], np.int32(eos_id))
+                tokens.offsets[i] = np.concatenate([tokens.offsets[i][:keep], [[len(text), len(text)]]]).astype(np.int32)
+                tokens.special[i] = np.append(tokens.special[i][:keep], True)
+                tokens.truncated[i] |= keep < len(ids)
+    return tokens
 
 
 def num_states(model: LoadedModel) -> int:
@@ -184,9 +215,17 @@ def num_states(model: LoadedModel) -> int:
 
 def extract_features(model: LoadedModel, texts: Sequence[str], *, pooling: str = "mean", layer: int = -1,
                      max_length: int = 128, batch_size: int = 64, normalize: bool = False, progress: bool = True,
-                     padding_side: str = "right", mesh=None) -> Union[FeatureSet, TokenFeatures]:
-    """Features of `texts` from `model` (see the module docstring); `mesh` defaults to all local devices."""
+                     padding_side: Optional[str] = None, instruction: Optional[str] = None,
+                     mesh=None) -> Union[FeatureSet, TokenFeatures]:
+    """Features of `texts` from `model` (see the module docstring); `mesh` defaults to all local devices.
+
+    The model's conventions (`model.conventions`) put each text in its prompt (instruction: None = the documented
+    default task, "" = the bare text) and append its EOS token where documented; padding_side None = the model's
+    (else "right"). Token features' character spans then index the prompted text."""
     texts = _check_texts(texts)
+    conventions = model.conventions
+    padding_side = padding_side or conventions.padding_side or "right"
+    texts = [conventions.format(t, instruction) for t in texts]
     if pooling not in POOLINGS:
         raise LinalignError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
     if pooling == "tokens" and normalize:
@@ -206,7 +245,7 @@ def extract_features(model: LoadedModel, texts: Sequence[str], *, pooling: str =
 
     start = time.perf_counter()
     cpu_start = time.process_time()
-    tokens = tokenize(model.tokenizer, texts, max_length)
+    tokens = tokenize(model.tokenizer, texts, max_length, conventions.eos_token_id if conventions.append_eos else None)
     n_truncated = int(tokens.truncated.sum())
     if n_truncated:
         log.warning("%s: %d of %d texts exceed max_length=%d tokens and were truncated", model.spec, n_truncated,
@@ -241,6 +280,7 @@ def extract_features(model: LoadedModel, texts: Sequence[str], *, pooling: str =
     metadata = {
         "model_spec": model.spec, "model_fingerprint": model.fingerprint, "family": model.family,
         "dtype": model.dtype, "pooling": pooling, "layer": layer, "max_length": max_length, "normalize": normalize,
+        **prompt_key(model, instruction), "padding_side": padding_side,
         "n_texts": len(texts), "hidden_size": model.hidden_size, "truncated": n_truncated, "tokens": n_tokens,
         "seconds": seconds, "cpu_seconds": time.process_time() - cpu_start, "tokens_per_second": n_tokens / seconds,
         "devices": int(mesh.devices.size), "batch_rows": rows, "shapes": sorted(shapes),
@@ -295,9 +335,22 @@ def _fetch(pending, bar: Optional[Progress]) -> Tuple[np.ndarray, np.ndarray, np
 # ------------------------------------------------------------------------------------------------------ cache
 
 def cache_key(model_fingerprint: str, data_fingerprint: str, pooling: str, layer: int, max_length: int,
-              normalize: bool) -> Dict[str, Any]:
+              normalize: bool, prompt: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     return {"format": CACHE_FORMAT, "model_fingerprint": model_fingerprint, "data_fingerprint": data_fingerprint,
-            "pooling": pooling, "layer": layer, "max_length": max_length, "normalize": normalize}
+            "pooling": pooling, "layer": layer, "max_length": max_length, "normalize": normalize, **(prompt or {})}
+
+
+def prompt_key(model: LoadedModel, instruction: Optional[str]) -> Dict[str, Any]:
+    """What the model's conventions change in the tokens: the prompt as applied and the appended EOS (empty for a
+    model without conventions, so its cache keys are the same as before conventions existed)."""
+    conventions = model.conventions
+    key: Dict[str, Any] = {}
+    template = conventions.format("{text}", instruction)
+    if template != "{text}":
+        key["prompt"] = template
+    if conventions.append_eos:
+        key["append_eos"] = conventions.eos_token_id
+    return key
 
 
 def default_cache_dir() -> Path:
@@ -306,7 +359,8 @@ def default_cache_dir() -> Path:
 
 def cached_features(model: LoadedModel, texts, data_fingerprint: str, *, pooling: str = "mean", layer: int = -1,
                     max_length: int = 128, normalize: bool = False, batch_size: int = 64,
-                    cache_dir: Optional[os.PathLike] = None, progress: bool = True, mesh=None) -> FeatureSet:
+                    cache_dir: Optional[os.PathLike] = None, progress: bool = True, instruction: Optional[str] = None,
+                    mesh=None) -> FeatureSet:
     """`extract_features` through the on-disk cache. `texts` is a list of strings or a dataset with a "text" column;
     `data_fingerprint` must identify exactly these texts (e.g. `linalign_jax.data.fingerprint`)."""
     if pooling == "tokens":
@@ -315,7 +369,8 @@ def cached_features(model: LoadedModel, texts, data_fingerprint: str, *, pooling
         raise LinalignError(f"data_fingerprint must be a non-empty string, got {data_fingerprint!r}")
     if not isinstance(texts, (list, tuple)) and hasattr(texts, "column_names"):
         texts = list(texts["text"])
-    key = cache_key(model.fingerprint, data_fingerprint, pooling, layer, max_length, normalize)
+    key = cache_key(model.fingerprint, data_fingerprint, pooling, layer, max_length, normalize,
+                    prompt_key(model, instruction))
     digest = sha256_bytes(json.dumps(key, sort_keys=True).encode())
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     array_path, meta_path = root / f"{digest}.npy", root / f"{digest}.json"
@@ -328,7 +383,8 @@ def cached_features(model: LoadedModel, texts, data_fingerprint: str, *, pooling
                                 f"texts were given: data_fingerprint {data_fingerprint!r} does not identify them")
         return hit
     features = extract_features(model, texts, pooling=pooling, layer=layer, max_length=max_length,
-                                batch_size=batch_size, normalize=normalize, progress=progress, mesh=mesh)
+                                batch_size=batch_size, normalize=normalize, progress=progress,
+                                instruction=instruction, mesh=mesh)
     with atomic_path(array_path) as tmp:
         np.save(tmp, features.array, allow_pickle=False)
     metadata = {**features.metadata, "key": key, "data_fingerprint": data_fingerprint,

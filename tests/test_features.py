@@ -246,3 +246,59 @@ def test_cache_accepts_a_dataset(model, tmp_path):
     dataset = datasets.Dataset.from_dict({"text": TEXTS, "label": list(range(len(TEXTS)))})
     got = features.cached_features(model, dataset, "data-ds", cache_dir=tmp_path, progress=False)
     np.testing.assert_allclose(got.array, features.extract_features(model, TEXTS, progress=False).array, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- embedding-model conventions
+
+CONVENTIONS_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "embedders" / "qwen3_st"
+
+
+@pytest.fixture(scope="module")
+def st_model():
+    from linalign_jax.models import load_model
+
+    meta = json.loads((CONVENTIONS_FIXTURE / "sentences.json").read_text())
+    return load_model(str(CONVENTIONS_FIXTURE)), meta, np.load(CONVENTIONS_FIXTURE / "expected.npz")
+
+
+def _extract(model, texts, options, **extra):
+    kwargs = {k: v for k, v in options.cache_kwargs(model).items() if k != "cache_dir"}
+    return features.extract_features(model, texts, progress=False, **kwargs, **extra).array
+
+
+def test_sentence_transformers_metadata_is_read_and_matches_sentence_transformers(st_model):
+    """Unset options take the directory's lasttoken pooling, Normalize, max_seq_length and default prompt."""
+    from linalign_jax.features import ExtractOptions
+
+    model, meta, expected = st_model
+    resolved = ExtractOptions().cache_kwargs(model)
+    assert (resolved["pooling"], resolved["normalize"], resolved["max_length"]) == ("last", True, 48)
+    assert ExtractOptions(pooling="mean", normalize=False).cache_kwargs(model)["pooling"] == "mean"  # flags win
+    assert ExtractOptions().cache_kwargs(None)["pooling"] == "mean"  # no model metadata: the project default
+    got = _extract(model, meta["sentences"], ExtractOptions(batch_size=4))
+    np.testing.assert_allclose(got, expected["default"], atol=2e-5, rtol=0)
+
+
+def test_documented_instruction_format_and_eos_match_sentence_transformers(st_model, tmp_path):
+    """Qwen3-Embedding's documented format with a task; EOS appended by us when the tokenizer does not (a copy with
+    the post-processor removed) and not doubled when it does."""
+    import dataclasses
+    import shutil
+
+    from linalign_jax.features import ExtractOptions, prompt_key
+    from linalign_jax.models import conventions, load_model
+
+    model, meta, expected = st_model
+    plain_dir = tmp_path / "plain"
+    shutil.copytree(CONVENTIONS_FIXTURE, plain_dir)
+    tokenizer = json.loads((plain_dir / "tokenizer.json").read_text())
+    tokenizer["post_processor"] = None
+    (plain_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    options = ExtractOptions(batch_size=4, instruction=meta["task"])
+    for directory, base in ((CONVENTIONS_FIXTURE, model), (plain_dir, load_model(str(plain_dir)))):
+        documented = conventions.conventions_for("Qwen/Qwen3-Embedding-8B", directory, base.tokenizer)
+        qwen = dataclasses.replace(base, conventions=documented)
+        np.testing.assert_allclose(_extract(qwen, meta["sentences"], options), expected["task"], atol=2e-5, rtol=0)
+    key = prompt_key(qwen, meta["task"])
+    assert key == {"prompt": f"Instruct: {meta['task']}\nQuery:{{text}}", "append_eos": 0}
+    assert prompt_key(qwen, "") == {"append_eos": 0} and prompt_key(qwen, "other") != key

@@ -19,6 +19,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 
+from linalign_jax.models.conventions import EmbeddingConventions
+
 DECODER, ENCODER = "decoder", "encoder"
 
 
@@ -80,6 +82,8 @@ class LoadedModel:
     is_decoder: bool
     pad_token_id: int
     dtype: str = "float32"
+    # How the model wants to be run as an embedder (prompt, EOS, pooling, ...): see models/conventions.py.
+    conventions: EmbeddingConventions = EmbeddingConventions()
     forward_fn: Callable[..., ModelOutput] = None          # (params, ids, mask, output_hidden_states) -> ModelOutput
     lm_head_fn: Optional[Callable[..., jax.Array]] = None  # (params, hidden) -> logits; decoders only
     # Incremental decoding, decoders only (see models/core.py): a preallocated KV cache and a jitted step.

@@ -17,7 +17,7 @@ from linalign_jax.models import core
 from linalign_jax.models.base import ENCODER, Family, ModelOutput
 from linalign_jax.models.checkpoint import strip_prefix
 from linalign_jax.models.encoder import (LAYER, EncoderConfig, check_length, embedding_rules, encoder_stack,
-                                         linear_rules, norm_rules, padding_bias)
+                                         linear_rules, norm_rules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,7 @@ class BertConfig(EncoderConfig):
     hidden_act: str = "gelu"
     position_embedding_type: str = "absolute"
     pad_token_id: int = 0
+    attention: str = "auto"
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -40,6 +41,14 @@ class BertConfig(EncoderConfig):
         if self.position_embedding_type != "absolute":
             raise LinalignError(f"unsupported BERT position_embedding_type {self.position_embedding_type!r}; "
                                 "expected 'absolute'")
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest sequence the position table holds."""
+        return self.max_position_embeddings
+
+    def position_ids(self, attention_mask: jax.Array) -> jax.Array:
+        return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
 
 
 class BertEncoder(nn.Module):
@@ -53,13 +62,12 @@ class BertEncoder(nn.Module):
         def embed(num, name):
             return nn.Embed(num, cfg.hidden_size, dtype=cfg.compute_dtype, name=name)
 
-        check_length(input_ids.shape[1], cfg.max_position_embeddings)
-        position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+        check_length(input_ids.shape[1], cfg.max_tokens)
         x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
-             + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
+             + embed(cfg.max_position_embeddings, "position_embeddings")(cfg.position_ids(attention_mask))
              + embed(cfg.type_vocab_size, "token_type_embeddings")(jnp.zeros_like(input_ids)))
         x = core.Norm(cfg.norm_config, name="embeddings_norm")(x)
-        return encoder_stack(cfg, x, padding_bias(attention_mask), output_hidden_states)
+        return encoder_stack(cfg, x, attention_mask, output_hidden_states)
 
 
 # ------------------------------------------------------------------------------------------ checkpoint mapping

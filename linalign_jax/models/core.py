@@ -166,11 +166,13 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class NormConfig:
-    """What `Norm` needs: RMSNorm ("rms") or LayerNorm with bias ("layer"), and gemma's (1 + w) scale."""
+    """What `Norm` needs: RMSNorm ("rms") or LayerNorm ("layer", with a bias unless `bias=False`: ModernBERT), and
+    gemma's (1 + w) scale."""
 
     kind: str = "rms"
     eps: float = 1e-6
     unit_offset: bool = False
+    bias: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +307,7 @@ class Norm(nn.Module):
             xf = xf - xf.mean(-1, keepdims=True)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + cfg.eps)
         y = y * (1.0 + scale if cfg.unit_offset else scale)
-        if cfg.kind == "layer":
+        if cfg.kind == "layer" and cfg.bias:
             y = y + self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32).astype(jnp.float32)
         return y.astype(x.dtype)
 

@@ -3,7 +3,8 @@ masks and checkpoint-rule builders.
 
 The post-LN layer is BERT's and MPNet's (MPNet adds a relative-position bias to the scores); its LayerNorms and MLP
 are the shared core's `Norm` and `Mlp`, configured through `EncoderConfig.norm_config` / `.mlp_config` (LayerNorm
-with bias; plain up/down MLP with biases). The core's attention is causal, so the bidirectional attention lives here.
+with bias; plain up/down MLP with biases). Attention is bidirectional, through attention.py (fused or explicit, by
+the config's `attention` field), with padded keys masked.
 Layers are stacked with `nn.scan`, the layout `checkpoint.params_from_tensors` produces.
 """
 from __future__ import annotations
@@ -17,12 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from linalign_jax.errors import LinalignError
+from linalign_jax.models import attention as attention_ops
 from linalign_jax.models import checkpoint, core
 from linalign_jax.models.base import ModelOutput
 
-# Added to the scores of padded keys. Finite, so a row with no real key (a batch-filler row) gives a uniform softmax
-# instead of NaN.
-MASKED_SCORE = -1e30
 # HF `hidden_act` -> the core's activation names.
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -32,11 +31,15 @@ class EncoderConfig:
     views the shared layers read.
 
     Subclasses are frozen dataclasses with (at least) hidden_size, num_hidden_layers, num_attention_heads,
-    intermediate_size, layer_norm_eps, hidden_act, pad_token_id and dtype; a family whose norm or MLP differs
-    overrides `norm_config` / `mlp_config`.
+    intermediate_size, layer_norm_eps, hidden_act, pad_token_id, attention (attention.IMPLEMENTATIONS, default
+    "auto"; not part of the fingerprint) and dtype; a family whose norm or MLP differs overrides `norm_config` /
+    `mlp_config`.
     """
 
     def __post_init__(self):
+        if self.attention not in attention_ops.IMPLEMENTATIONS:
+            raise LinalignError(f"unknown attention {self.attention!r}; expected one of "
+                                f"{', '.join(attention_ops.IMPLEMENTATIONS)}")
         if self.hidden_act not in HF_ACTIVATIONS:
             raise LinalignError(f"unsupported hidden_act {self.hidden_act!r}; supported: {sorted(HF_ACTIVATIONS)}")
         if self.dtype not in core.DTYPES:
@@ -65,7 +68,7 @@ class EncoderConfig:
     @classmethod
     def from_hf(cls, hf: dict, dtype: str = "float32"):
         """The config from HF config.json fields of the same names."""
-        fields = [f for f in dataclasses.fields(cls) if f.name != "dtype"]
+        fields = [f for f in dataclasses.fields(cls) if f.name not in ("dtype", "attention")]
         missing = [f.name for f in fields if f.name not in hf and f.default is dataclasses.MISSING]
         if missing:
             raise LinalignError(f"config.json lacks {missing} for a {cls.__name__}")
@@ -79,27 +82,27 @@ def check_length(length: int, max_tokens: int) -> None:
                             f"use max_length <= {max_tokens}")
 
 
-def padding_bias(attention_mask: jax.Array) -> jax.Array:
-    """[B, T] 0/1 mask -> [B, 1, 1, T] float32 additive bias hiding padded keys from every query."""
-    return jnp.where(attention_mask[:, None, None, :] > 0, 0.0, MASKED_SCORE).astype(jnp.float32)
+def padding_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, T] 0/1 mask -> [B, 1, 1, T] bool: padded keys are hidden from every query."""
+    return attention_mask[:, None, None, :] > 0
 
 
 class SelfAttention(nn.Module):
-    """Bidirectional multi-head attention with biased q/k/v/out projections and an additive score bias."""
+    """Bidirectional multi-head attention with biased q/k/v/out projections, through attention.py: `mask` [B, 1, 1, T]
+    hides padded keys, `bias` (None or [1, H, T, T]) is added to the scaled scores (MPNet's relative positions)."""
 
     config: EncoderConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, attn_bias: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, bias) -> jax.Array:
         cfg = self.config
         batch, length, width = x.shape
         head_dim = width // cfg.num_attention_heads
         q, k, v = (nn.Dense(width, dtype=cfg.compute_dtype, name=name)(x).reshape(
             batch, length, cfg.num_attention_heads, head_dim) for name in ("query", "key", "value"))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-        probs = jax.nn.softmax(scores + attn_bias, axis=-1).astype(v.dtype)
-        context = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(batch, length, width)
-        return nn.Dense(width, dtype=cfg.compute_dtype, name="out")(context)
+        context = attention_ops.attention(q, k, v, scale=1.0 / math.sqrt(head_dim), mask=mask, bias=bias,
+                                          implementation=cfg.attention)
+        return nn.Dense(width, dtype=cfg.compute_dtype, name="out")(context.reshape(batch, length, width))
 
 
 class PostLNLayer(nn.Module):
@@ -110,19 +113,20 @@ class PostLNLayer(nn.Module):
     collect_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, attn_bias: jax.Array):
+    def __call__(self, x: jax.Array, mask: jax.Array, bias):
         cfg = self.config
-        x = core.Norm(cfg.norm_config, name="attention_norm")(x + SelfAttention(cfg, name="attention")(x, attn_bias))
+        x = core.Norm(cfg.norm_config, name="attention_norm")(x + SelfAttention(cfg, name="attention")(x, mask, bias))
         x = core.Norm(cfg.norm_config, name="output_norm")(x + core.Mlp(cfg.mlp_config, name="mlp")(x))
         return x, (x if self.collect_hidden else None)
 
 
-def encoder_stack(config: EncoderConfig, embeddings: jax.Array, attn_bias: jax.Array,
-                  output_hidden_states: bool) -> ModelOutput:
-    """The scanned layers (parameters under "layers"); call inside a compact module."""
+def encoder_stack(config: EncoderConfig, embeddings: jax.Array, attention_mask: jax.Array, output_hidden_states: bool,
+                  bias=None) -> ModelOutput:
+    """The scanned layers (parameters under "layers") over real keys of `attention_mask` [B, T], with an optional
+    score bias; call inside a compact module."""
     layers = nn.scan(PostLNLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=nn.broadcast, length=config.num_hidden_layers)
-    x, per_layer = layers(config, output_hidden_states, name="layers")(embeddings, attn_bias)
+                     in_axes=(nn.broadcast, nn.broadcast), length=config.num_hidden_layers)
+    x, per_layer = layers(config, output_hidden_states, name="layers")(embeddings, padding_mask(attention_mask), bias)
     hidden = None
     if output_hidden_states:
         hidden = (embeddings, *[per_layer[i] for i in range(config.num_hidden_layers)])

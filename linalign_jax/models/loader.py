@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 
 from linalign_jax.errors import LinalignError
 from linalign_jax.models import checkpoint, core, gguf
+from linalign_jax.models.conventions import conventions_for
 from linalign_jax.models.base import DECODER, Family, LoadedModel
 from linalign_jax.models.registry import REGISTRY, supported_model_types
 from linalign_jax.models.tokenizer import load_tokenizer
@@ -53,9 +55,11 @@ def load_model(spec: str, dtype: str = "float32") -> LoadedModel:
     hashes = [source[1]] if source else [checkpoint.cached_sha256(f) for f in checkpoint.weight_files(model_dir)]
     fingerprint = checkpoint.fingerprint_from_hashes(hashes + [core.config_hash(config)], name)
     if family.kind == DECODER:
-        return decoder_model(config, core.with_head_kernel(config, params), tokenizer, spec=str(spec),
-                             fingerprint=fingerprint)
-    return encoder_model(family, config, params, tokenizer, spec=str(spec), fingerprint=fingerprint)
+        model = decoder_model(config, core.with_head_kernel(config, params), tokenizer, spec=str(spec),
+                              fingerprint=fingerprint)
+    else:
+        model = encoder_model(family, config, params, tokenizer, spec=str(spec), fingerprint=fingerprint)
+    return dataclasses.replace(model, conventions=conventions_for(str(spec), model_dir, tokenizer))
 
 
 def abstract_decoder(config_json: str | Path, dtype: str = "float32"):

@@ -20,7 +20,7 @@ from linalign_jax.models import core
 from linalign_jax.models.base import ENCODER, Family, ModelOutput
 from linalign_jax.models.checkpoint import strip_prefix
 from linalign_jax.models.encoder import (LAYER, EncoderConfig, check_length, embedding_rules, encoder_stack,
-                                         linear_rules, norm_rules, padding_bias)
+                                         linear_rules, norm_rules)
 
 # HF's MPNetEmbeddings hard-codes padding_idx = 1 (whatever config.pad_token_id says); positions are offset by it.
 HF_PADDING_IDX = 1
@@ -40,6 +40,7 @@ class MPNetConfig(EncoderConfig):
     relative_attention_num_buckets: int = 32
     hidden_act: str = "gelu"
     pad_token_id: int = 1
+    attention: str = "auto"
     dtype: str = "float32"
 
 
@@ -87,8 +88,7 @@ class MPNetEncoder(nn.Module):
         buckets = relative_position_buckets(input_ids.shape[1], cfg.relative_attention_num_buckets)
         relative_bias = embed(cfg.relative_attention_num_buckets, cfg.num_attention_heads,
                               "relative_attention_bias")(jnp.asarray(buckets))  # [T, T, H]
-        attn_bias = padding_bias(attention_mask) + relative_bias.transpose(2, 0, 1)[None].astype(jnp.float32)
-        return encoder_stack(cfg, x, attn_bias, output_hidden_states)
+        return encoder_stack(cfg, x, attention_mask, output_hidden_states, bias=relative_bias.transpose(2, 0, 1)[None])
 
 
 HF_RULES = (

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from linalign_jax.models import (apertus, bert, gemma, gemma3, gpt2, llama, mistral3, mixtral, mpnet, olmo, phi3,
-                                  qwen, qwen_moe)
+from linalign_jax.models import (apertus, bert, gemma, gemma3, gpt2, llama, mistral3, mixtral, modernbert, mpnet,
+                                  olmo, phi3, qwen, qwen_moe, xlm_roberta)
 from linalign_jax.models.base import Family
 
 FAMILIES = (
@@ -24,6 +24,8 @@ FAMILIES = (
     # encoders (their own modules)
     bert.FAMILY,
     mpnet.FAMILY,
+    xlm_roberta.FAMILY,
+    modernbert.FAMILY,
 )
 
 

@@ -1,9 +1,10 @@
-"""BERT and MPNet against PyTorch transformers (tiny random models) and sentence-transformers (the real checkpoints).
+"""BERT, MPNet, XLM-RoBERTa and ModernBERT against PyTorch transformers (tiny random models) and sentence-transformers (the real checkpoints).
 
 Fixtures come from tests/fixtures/encoder_fixtures.py (torch venv); see its docstring for what each file holds.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +17,8 @@ from linalign_jax.features import extract_features
 from linalign_jax.models import checkpoint, load_model, mpnet
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "encoders"
-TINY = {"bert": FIXTURES / "bert_tiny", "mpnet": FIXTURES / "mpnet_tiny"}
+TINY = {"bert": FIXTURES / "bert_tiny", "mpnet": FIXTURES / "mpnet_tiny",
+        "xlm-roberta": FIXTURES / "xlm_roberta_tiny", "modernbert": FIXTURES / "modernbert_tiny"}
 REAL = ("all-MiniLM-L6-v2", "all-mpnet-base-v2")
 TOLERANCE = 1e-4
 
@@ -32,16 +34,20 @@ def real_token_error(got, want, mask) -> float:
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_tiny_models_match_transformers(tiny, side):
+@pytest.mark.parametrize("attention", ["auto", "fused"])  # auto is the explicit path on a CPU
+def test_tiny_models_match_transformers(tiny, side, attention):
     model, expected = tiny
     mask = expected[f"{side}_attention_mask"]
-    out = model.forward(model.params, expected[f"{side}_input_ids"].astype(np.int32), mask.astype(np.int32),
-                        output_hidden_states=True)
-    assert model.family in ("bert", "mpnet") and not model.is_decoder
+    module = type(model.module)(dataclasses.replace(model.config, attention=attention))
+    out = module.apply({"params": model.params}, expected[f"{side}_input_ids"].astype(np.int32),
+                       mask.astype(np.int32), True)
+    assert model.family in TINY and not model.is_decoder
     assert real_token_error(out.last_hidden_state, expected[f"{side}_last_hidden_state"], mask) <= TOLERANCE
     want_layers = expected[f"{side}_hidden_states"]
     assert len(out.hidden_states) == len(want_layers) == model.config.num_hidden_layers + 1
-    for got, want in zip(out.hidden_states, want_layers):
+    # The last entry is the final state; pre-LN families (ModernBERT) apply their final norm to it, as
+    # last_hidden_state (checked above), while ours holds the last layer's output before it, as decoders do.
+    for got, want in zip(out.hidden_states[:-1], want_layers[:-1]):
         assert real_token_error(got, want, mask) <= TOLERANCE
 
 
