@@ -24,6 +24,7 @@ import numpy as np
 import openfhe as fhe
 from absl import app, flags
 
+from linalign_jax import cli
 from linalign_jax.helix import ClientSession, LinearPlan, ProviderSession, plan_layout
 from linalign_jax.helix.audit import (RawDecryptor, least_squares_head, logits_only_baseline, recovery_error,
                                       serialized_limbs)
@@ -200,4 +201,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from linalign_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("query_shapes", ["4096x20", "768x20"], "head shapes d x k for the loopback query latency")
@@ -262,4 +264,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

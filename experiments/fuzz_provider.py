@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from linalign_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("iterations", 1000, "mutated requests to send")
@@ -303,4 +305,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

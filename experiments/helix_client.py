@@ -24,8 +24,9 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from linalign_jax import cli
 from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
@@ -84,9 +85,12 @@ def connect():
 
     target = FLAGS.provider
     if FLAGS.provider_file:
-        with open(FLAGS.provider_file) as f:
-            where = json.load(f)
-        target = f"{where['host']}:{where['port']}"
+        try:
+            with open(FLAGS.provider_file) as f:
+                where = json.load(f)
+            target = f"{where['host']}:{where['port']}"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LinalignError(f"--provider_file {FLAGS.provider_file} is not a provider's port file: {e}") from None
     return ProviderClient(target, token=load_token(FLAGS.token, FLAGS.token_file), tls_ca=FLAGS.tls_ca or None,
                           tls_server_name=FLAGS.tls_server_name or None, allow_plaintext=FLAGS.allow_plaintext,
                           allow_insecure_preset_for_tests=FLAGS.allow_insecure_preset_for_tests,
@@ -248,11 +252,8 @@ def fit() -> dict:
 
 def main(argv):
     del argv
-    try:
-        classify() if FLAGS.mode == "classify" else fit()
-    except (LinalignError, ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    classify() if FLAGS.mode == "classify" else fit()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from linalign_jax import cli
 from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
@@ -135,11 +136,8 @@ def main(argv):
     del argv
     out_dir = Path(FLAGS.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        run(out_dir)
-    except LinalignError as e:
-        sys.exit(f"error: {e}")
+    run(out_dir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

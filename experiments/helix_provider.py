@@ -18,8 +18,9 @@ import sys
 import threading
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from linalign_jax import cli
 from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
@@ -189,27 +190,24 @@ def main(argv):
     from linalign_jax.serve.heads import HeadStore
     from linalign_jax.serve.server import ProviderServer
 
-    try:
-        token = check_flags()
-        if FLAGS.sandbox_memory_mb:
-            validate.use_sandbox(Sandbox(memory_mb=FLAGS.sandbox_memory_mb))
-        core = ProviderCore(load_or_train_head(), public=load_public(),
-                            fitted_heads=HeadStore(os.path.join(FLAGS.state_dir, "heads") if FLAGS.state_dir
-                                                   else None, max_heads=FLAGS.max_fitted_heads,
-                                                   ttl_s=FLAGS.fitted_head_ttl_s),
-                            preset=None if FLAGS.preset == "auto" else FLAGS.preset, fit_block=FLAGS.fit_block)
-        server = ProviderServer(core, token=token, host=FLAGS.host, port=FLAGS.port,
-                                tls=(FLAGS.tls_cert, FLAGS.tls_key) if FLAGS.tls_cert else None,
-                                allow_plaintext=FLAGS.allow_plaintext, max_sessions=FLAGS.max_sessions,
-                                max_sessions_per_client=FLAGS.max_sessions_per_client,
-                                max_queries_per_session=FLAGS.max_queries_per_session,
-                                session_ttl_s=FLAGS.session_ttl_s, idle_timeout_s=FLAGS.idle_timeout_s,
-                                call_timeout_s=FLAGS.call_timeout_s,
-                                max_message_bytes=FLAGS.max_message_mb << 20 if FLAGS.max_message_mb else None,
-                                workers=FLAGS.workers, facts=public_facts(),
-                                allow_insecure_preset_for_tests=FLAGS.allow_insecure_preset_for_tests)
-    except LinalignError as e:
-        sys.exit(f"error: {e}")
+    token = check_flags()
+    if FLAGS.sandbox_memory_mb:
+        validate.use_sandbox(Sandbox(memory_mb=FLAGS.sandbox_memory_mb))
+    core = ProviderCore(load_or_train_head(), public=load_public(),
+                        fitted_heads=HeadStore(os.path.join(FLAGS.state_dir, "heads") if FLAGS.state_dir
+                                               else None, max_heads=FLAGS.max_fitted_heads,
+                                               ttl_s=FLAGS.fitted_head_ttl_s),
+                        preset=None if FLAGS.preset == "auto" else FLAGS.preset, fit_block=FLAGS.fit_block)
+    server = ProviderServer(core, token=token, host=FLAGS.host, port=FLAGS.port,
+                            tls=(FLAGS.tls_cert, FLAGS.tls_key) if FLAGS.tls_cert else None,
+                            allow_plaintext=FLAGS.allow_plaintext, max_sessions=FLAGS.max_sessions,
+                            max_sessions_per_client=FLAGS.max_sessions_per_client,
+                            max_queries_per_session=FLAGS.max_queries_per_session,
+                            session_ttl_s=FLAGS.session_ttl_s, idle_timeout_s=FLAGS.idle_timeout_s,
+                            call_timeout_s=FLAGS.call_timeout_s,
+                            max_message_bytes=FLAGS.max_message_mb << 20 if FLAGS.max_message_mb else None,
+                            workers=FLAGS.workers, facts=public_facts(),
+                            allow_insecure_preset_for_tests=FLAGS.allow_insecure_preset_for_tests)
     server.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -227,4 +225,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

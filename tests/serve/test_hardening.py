@@ -165,7 +165,7 @@ def test_plaintext_off_loopback_and_insecure_presets_need_explicit_flags(core, p
     run = subprocess.run([sys.executable, "-m", "experiments.helix_provider", f"--head={root / 'head'}",
                           f"--token_file={root / 'token'}", f"--preset={PRESET}", "--port=0"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0
+    assert run.returncode == 2, run.stderr[-2000:]
     assert run.stderr.strip().splitlines()[-1] == (
         f"error: --preset={PRESET} is below 128-bit security: tests only (--allow_insecure_preset_for_tests)")
 
@@ -175,7 +175,7 @@ def test_provider_checks_its_port_before_loading(provider, artefacts):
     run = subprocess.run([sys.executable, "-m", "experiments.helix_provider", f"--head={root / 'head'}",
                           f"--token_file={root / 'token'}", f"--port={port}", "--model=never-loaded",
                           "--task_data=trec"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0
+    assert run.returncode == 2, run.stderr[-2000:]
     assert run.stderr.strip().splitlines()[-1] == (f"error: 127.0.0.1:{port} is already in use: stop the other "
                                                    f"server or choose another --port")
 
