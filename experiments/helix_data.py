@@ -1,32 +1,28 @@
 """Data glue shared by the HELIX binaries (no flags of its own, so any binary can import it): each party embeds its
-texts with its own model through the feature cache, and test rows are subsampled the way `experiments.align` does."""
+texts with its own model through the feature cache (or reads them from its precomputed embeddings file), and
+test rows are subsampled the way `experiments.align` does."""
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Mapping, Sequence
 
 import numpy as np
 
 
 @functools.lru_cache(maxsize=2)
-def _model(spec: str, dtype: str):
-    """Each model is loaded once per process, however many text sets a binary embeds with it."""
-    from linalign_jax.models import load_model
+def _embedder(spec: str, dtype: str):
+    """Each model (or embeddings file) is opened once per process, however many text sets a binary embeds with it."""
+    from linalign_jax.embedders import open_embedder
 
-    print(f"loading {spec}", file=sys.stderr, flush=True)
-    return load_model(spec, dtype=dtype)
+    return open_embedder(spec, dtype=dtype)
 
 
 def embed(spec: str, texts: Sequence[str], cfg: Mapping) -> np.ndarray:
-    """Pooled features [N, d] of `texts` under model `spec`; cfg has pooling, normalize, max_length, batch_size, dtype."""
-    from linalign_jax.data import fingerprint
-    from linalign_jax.features import cached_features
-
-    model = _model(spec, cfg["dtype"])
-    return cached_features(model, list(texts), fingerprint(list(texts)), pooling=cfg["pooling"],
-                           max_length=cfg["max_length"], normalize=cfg["normalize"],
-                           batch_size=cfg["batch_size"]).array
+    """Pooled features [N, d] of `texts` under `spec`: a model (through the feature cache) or a precomputed embeddings
+    .parquet file (its rows looked up by text); cfg has pooling, normalize, max_length, batch_size, dtype."""
+    return _embedder(spec, cfg["dtype"]).features(list(texts), pooling=cfg["pooling"], max_length=cfg["max_length"],
+                                                  normalize=cfg["normalize"], batch_size=cfg["batch_size"],
+                                                  data=f"--model={spec}").array
 
 
 EMBED_FLAGS = ("pooling", "normalize", "max_length", "batch_size", "dtype")

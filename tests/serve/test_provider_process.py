@@ -291,3 +291,32 @@ def test_bulk_classify_matches_plaintext_head(provider, client_for, artefacts):
     run = classify_bulk(client_for(provider), Z, k=K, input_bound=4.0, preset=PRESET)
     np.testing.assert_allclose(run.logits, plaintext_logits(artefacts, Z), rtol=1e-3, atol=1e-3)
     assert run.latency_s.shape == (300,) and (run.bytes_up > 0).all() and (run.bytes_down > 0).all()
+
+
+def test_client_binary_classifies_from_an_embeddings_file(provider, artefacts, tmp_path):
+    """Issue 12 item 4: `--model=<embeddings .parquet>` stands in for the client's model end to end (task CSV ->
+    looked-up vectors -> local map -> encrypted head), with the plaintext head's predictions."""
+    from linalign_jax.align import AffineMap, save_map
+    from linalign_jax.data import load_dataset
+    from linalign_jax.precomputed import write_embeddings
+
+    rng = np.random.default_rng(3)
+    texts = [f"synthetic text number {i}" for i in range(24)]
+    (tmp_path / "task.csv").write_text("text,label\n" + "".join(f"{t},{i % 3}\n" for i, t in enumerate(texts)))
+    vectors = rng.normal(size=(len(texts), D_A)) * 0.5
+    write_embeddings(tmp_path / "client.parquet", texts, vectors, model="synthetic-embedder")
+    save_map(tmp_path / "map", AffineMap(np.eye(D_A, dtype=np.float32), np.zeros(D_A, np.float32)),
+             {"source_model": str(tmp_path / "client.parquet"), "normalize": False})
+    out = tmp_path / "predictions.json"
+    run = subprocess.run([sys.executable, "-m", "experiments.helix_client", f"--provider={provider.target}",
+                          f"--token_file={artefacts['root'] / 'token'}", "--allow_insecure_preset_for_tests",
+                          f"--map={tmp_path / 'map'}", f"--model={tmp_path / 'client.parquet'}",
+                          f"--task_data={tmp_path / 'task.csv'}", "--nonormalize", "--bulk", f"--out={out}"],
+                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    test_texts = list(load_dataset(tmp_path / "task.csv")["test"]["text"])
+    Z = vectors[[texts.index(t) for t in test_texts]].astype(np.float32).astype(np.float64)
+    result = json.loads(out.read_text())
+    assert [p["prediction"] for p in result["predictions"]] == list(plaintext_logits(artefacts, Z).argmax(1))
+    np.testing.assert_allclose(result["logits"], plaintext_logits(artefacts, Z), rtol=1e-3, atol=1e-3)
