@@ -35,6 +35,7 @@ results.json keys:
 """
 from __future__ import annotations
 
+import logging
 import shlex
 import sys
 import time
@@ -44,6 +45,7 @@ from absl import app, flags
 
 from linalign_jax import cli
 
+log = logging.getLogger(__name__)
 FLAGS = flags.FLAGS
 # source vs target on the test rows (definitions: linalign_jax.similarity); the shape distances are in radians
 SIMILARITY_MEASURES = ("linear_cka", "linear_cka_debiased", "rbf_cka", "svcca64", "mutual_knn", "cknna", "cycle_knn",
@@ -201,8 +203,7 @@ def main(argv):
     command = "python -m experiments.align " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results = run(config_from_flags(), command)
     out = Path(FLAGS.out_dir)
-    print(f"wrote {out / 'results.json'} and {out / 'results.md'} in {results['timing']['total_s']:.0f}s",
-          file=sys.stderr)
+    log.info(f"wrote {out / 'results.json'} and {out / 'results.md'} in {results['timing']['total_s']:.0f}s")
     print((out / "results.md").read_text())
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import logging
 import shlex
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from experiments.bench_common import (LLAMA3_8B, hf_directory, llama_decoder_con
                                        restrict_cpu_threads, torch_interpreter)
 from linalign_jax import cli
 
+log = logging.getLogger(__name__)
 FLAGS = flags.FLAGS
 cli.define_model_flags("model")
 FLAGS.set_default("model", "all-MiniLM-L6-v2")  # the benchmark's default subject
@@ -198,13 +200,13 @@ def main(argv):
     ids = np.random.default_rng(0).integers(LOW_TOKEN_ID, vocab, (FLAGS.batch, FLAGS.length)).astype(np.int32)
     # The torch side runs before JAX touches the accelerator, so neither holds memory the other needs.
     if FLAGS.torch:
-        print(f"torch side: {model_name}", file=sys.stderr, flush=True)
+        log.info(f"torch side: {model_name}")
         with tempfile.TemporaryDirectory() as tmp:
             np.save(Path(tmp) / "ids.npy", ids)
             result["sides"]["pytorch"] = run_torch(Path(tmp) / "ids.npy", model_dir, pooling)
     import jax
 
-    print(f"jax side: {model_name}", file=sys.stderr, flush=True)
+    log.info(f"jax side: {model_name}")
     model = jax_model()
     result["sides"]["jax"] = run_jax(model, ids, pooling)
     device_kind = jax.devices()[0].device_kind

@@ -12,12 +12,13 @@ OpenAI batch input JSONL joined on --id_field, or a .txt paired by line order).
 """
 from __future__ import annotations
 
-import sys
+import logging
 
 from absl import app, flags
 
 from linalign_jax import cli
 
+log = logging.getLogger(__name__)
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dump", None, "JSONL or parquet file with one embedding per text")
 flags.DEFINE_string("model", None, "name of the model that made the vectors (recorded in the file)")
@@ -36,8 +37,7 @@ def main(argv):
 
     summary = convert_dump(FLAGS.dump, FLAGS.out, FLAGS.model, texts=FLAGS.texts, text_field=FLAGS.text_field,
                            vector_field=FLAGS.vector_field, id_field=FLAGS.id_field)
-    print(f"wrote {summary['out']}: {summary['rows']} texts × {summary['dim']} dims of {summary['model']}",
-          file=sys.stderr)
+    log.info(f"wrote {summary['out']}: {summary['rows']} texts × {summary['dim']} dims of {summary['model']}")
 
 
 if __name__ == "__main__":

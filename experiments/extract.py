@@ -20,17 +20,18 @@ Writes, replacing any earlier set only once all are complete (FILE.json last):
 """
 from __future__ import annotations
 
+import logging
 import shlex
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from absl import app, flags
 
 from linalign_jax import cli
 from linalign_jax.errors import LinalignError
 
+log = logging.getLogger(__name__)
 FLAGS = flags.FLAGS
 cli.define_model_flags("model")
 cli.define_data_flags("data")
@@ -55,8 +56,8 @@ def run(command: str) -> dict:
     keep = slice(0, FLAGS.limit or None)
     texts, rows = data["texts"][keep], data["rows"][keep]
     kept = f"; --limit keeps the first {len(texts)}" if len(texts) < len(data["texts"]) else ""
-    print(f"{FLAGS.data}: {len(data['texts'])} rows ({'split ' + data['split'] if data['split'] else 'unlabelled'})"
-          f"{kept}", file=sys.stderr, flush=True)
+    log.info(f"{FLAGS.data}: {len(data['texts'])} rows ({'split ' + data['split'] if data['split'] else 'unlabelled'})"
+             f"{kept}")
     embedder = open_embedder(FLAGS.model, dtype=FLAGS.dtype)
     data_fingerprint = fingerprint(texts)
     result = embedder.features(texts, data_fingerprint, cache=FLAGS.cache, data=FLAGS.data,
@@ -86,8 +87,8 @@ def main(argv):
     meta = run(command)
     truncated = f"{meta['truncated']} of {meta['n_texts']} texts truncated at {meta['max_length']} tokens; " \
         if meta.get("max_length") else ""
-    print(f"wrote {tuple(meta['shape'])} to {', '.join(meta['files'])} (+ .json): {truncated}cache "
-          f"{meta.get('cache', 'off')}; {time.perf_counter() - start:.1f}s in all", file=sys.stderr)
+    log.info(f"wrote {tuple(meta['shape'])} to {', '.join(meta['files'])} (+ .json): {truncated}cache "
+             f"{meta.get('cache', 'off')}; {time.perf_counter() - start:.1f}s in all")
 
 
 if __name__ == "__main__":

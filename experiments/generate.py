@@ -27,6 +27,7 @@ Outputs in --out_dir:
 from __future__ import annotations
 
 import math
+import logging
 import shlex
 import sys
 import time
@@ -39,6 +40,7 @@ from linalign_jax import cli
 from linalign_jax.align.ridge import parse_lambda
 from linalign_jax.errors import LinalignError
 
+log = logging.getLogger(__name__)
 FLAGS = flags.FLAGS
 cli.define_model_flags("source_model", "target_model")
 cli.define_extraction_flags(pooled=False)
@@ -90,7 +92,7 @@ def _maps(source, target, fit, data, config, out_dir: Path) -> list:
     if config["map_dir"]:
         affine, meta = load_pair_map(config["map_dir"], source, target)
         return [(source, target, affine, meta, Path(config["map_dir"]))]
-    print(f"fitting token-level maps on {len(fit)} texts", file=sys.stderr, flush=True)
+    log.info(f"fitting token-level maps on {len(fit)} texts")
     fitted = fit_token_maps(source, target, fit, both_directions=config["both_directions"],
                             lam=config["ridge_lambda"], max_length=config["max_length"],
                             batch_size=config["batch_size"])
@@ -109,14 +111,13 @@ def _direction(source, target, affine, meta, path: Path, heldout, config) -> dic
 
     label = f"{source.spec} → {target.spec}"
     pair = HybridPair(source, target, affine)
-    print(f"[{label}] scoring {len(heldout)} held-out texts", file=sys.stderr, flush=True)
+    log.info(f"[{label}] scoring {len(heldout)} held-out texts")
     metrics = summarize(next_token_scores(pair, heldout, max_tokens=config["heldout_tokens"],
                                           batch_size=config["batch_size"]))
     sampling = SamplingConfig(config["temperature"], config["top_p"])
     kwargs = dict(max_new_tokens=config["max_new_tokens"], sampling=sampling, key=jax.random.key(config["seed"]),
                   stop_strings=config["stop"], batch_size=config["batch_size"])
-    print(f"[{label}] {len(config['prompt'])} samples (hybrid, native target, native source)", file=sys.stderr,
-          flush=True)
+    log.info(f"[{label}] {len(config['prompt'])} samples (hybrid, native target, native source)")
     hybrid = pair.generate_batch(config["prompt"], **kwargs)
     native_target = generate_batch(target, config["prompt"], **kwargs)
     native_source = generate_batch(source, config["prompt"], **kwargs)
@@ -208,8 +209,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     command = "python -m experiments.generate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     results = run(config_from_flags(), command)
-    print(f"wrote {FLAGS.out_dir}/results.json in {results['timing']['total_s']:.0f}s "
-          f"(CPU {results['timing']['cpu_s']:.0f}s)", file=sys.stderr)
+    log.info(f"wrote {FLAGS.out_dir}/results.json in {results['timing']['total_s']:.0f}s "
+             f"(CPU {results['timing']['cpu_s']:.0f}s)")
     print(results_markdown(results))
 
 

@@ -16,6 +16,7 @@ whole at the end, so a failed sweep leaves the previous one untouched.
 from __future__ import annotations
 
 import io
+import logging
 import shlex
 import sys
 import time
@@ -24,8 +25,10 @@ from pathlib import Path
 from absl import app, flags
 
 from linalign_jax.align.ridge import parse_lambda
-from linalign_jax.errors import LinalignError, exit_on_bad_input
+from linalign_jax import cli
+from linalign_jax.errors import LinalignError
 
+log = logging.getLogger(__name__)
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("pair", [], "SOURCE=>TARGET (asset name, hub id or path each; repeatable)")
 flags.DEFINE_string("fit_data", "public", "fitting texts: a load_texts spec, an Alpaca file or an MMLU-format file")
@@ -84,7 +87,7 @@ def run_pair(source, target, fit, heldout, mc, alpaca, config, out_dir: Path, re
 
     label = f"{source.spec} → {target.spec}"
     start = time.perf_counter()
-    print(f"[{label}] fitting the map on {len(fit)} texts", file=sys.stderr, flush=True)
+    log.info(f"[{label}] fitting the map on {len(fit)} texts")
     affine, meta = fit_token_map(source, target, fit, lam=config["ridge_lambda"], max_length=config["max_length"],
                                  batch_size=config["batch_size"])
     save_map(out_dir / "maps" / f"{slug(source.spec)}__to__{slug(target.spec)}", affine, meta)
@@ -108,7 +111,7 @@ def run_pair(source, target, fit, heldout, mc, alpaca, config, out_dir: Path, re
         return {"hybrid": hybrid, "native_target": native}
 
     if mc:
-        print(f"[{label}] {len(mc)} multiple-choice questions", file=sys.stderr, flush=True)
+        log.info(f"[{label}] {len(mc)} multiple-choice questions")
         letters = protocol.LETTERS[:max(len(q.choices) for q in mc)]
         outputs = both([q.prompt() for q in mc], stop_at=protocol.answer_stop(letters))
         result["multiple_choice"] = {}
@@ -124,7 +127,7 @@ def run_pair(source, target, fit, heldout, mc, alpaca, config, out_dir: Path, re
         result["multiple_choice"]["hybrid_vs_native"] = (
             result["multiple_choice"]["hybrid"]["accuracy"] / native_acc if native_acc else None)
     if alpaca:
-        print(f"[{label}] {len(alpaca)} Alpaca instructions", file=sys.stderr, flush=True)
+        log.info(f"[{label}] {len(alpaca)} Alpaca instructions")
         outputs = both([r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") for r in alpaca])
         for mode, generated in outputs.items():
             for i, (r, g) in enumerate(zip(alpaca, generated)):
@@ -237,12 +240,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     command = "python -m experiments.generate_sweep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with exit_on_bad_input():
-        summary = run(config_from_flags(), command)
+    summary = run(config_from_flags(), command)
     print(markdown(summary))
-    print(f"wrote {FLAGS.out_dir}/results.json, outputs.jsonl ({summary['n_records']} records), "
-          f"compat_vs_quality.png in {summary['seconds']:.0f}s", file=sys.stderr)
+    log.info(f"wrote {FLAGS.out_dir}/results.json, outputs.jsonl ({summary['n_records']} records), "
+             f"compat_vs_quality.png in {summary['seconds']:.0f}s")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

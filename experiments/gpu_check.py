@@ -40,6 +40,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares 
 import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import platform  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -58,6 +59,7 @@ from absl import app, flags  # noqa: E402
 from linalign_jax import cli  # noqa: E402
 from linalign_jax.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 
+logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("smoke", False, "Tiny shapes on whatever device is present: exercises every code path quickly.")
@@ -107,7 +109,7 @@ def time_budget(seconds: int):
 
 
 def log(message: str) -> None:
-    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    logger.info("%s", message)
 
 
 # ------------------------------------------------------------------------------------------------------ extraction

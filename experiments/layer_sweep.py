@@ -19,7 +19,8 @@ from pathlib import Path
 
 from absl import app, flags
 
-from linalign_jax.errors import LinalignError, exit_on_bad_input
+from linalign_jax import cli
+from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source_model", None, "source model spec (rows of the matrices)")
@@ -118,10 +119,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     command = "python -m experiments.layer_sweep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    with exit_on_bad_input():
-        run(command)
+    run(command)
     print((Path(FLAGS.out_dir) / "layer_sweep.md").read_text())
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -16,7 +16,7 @@ map.json). DIR must be on a filesystem every process sees.
 """
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from absl import app, flags
 
 from linalign_jax import cli, distributed
 
+log = logging.getLogger(__name__)
 FLAGS = flags.FLAGS
 cli.define_model_flags("source_model", "target_model")
 cli.define_data_flags("data")
@@ -86,9 +87,9 @@ def main(argv):
     cli.initialize_distributed()
     meta = run()
     if jax.process_index() == 0:
-        print(f"wrote {Path(FLAGS.out_dir) / 'map'}: {meta['method']} map {meta['source_model']} -> "
-              f"{meta['target_model']} from {meta['n_texts']} texts on {meta['processes']} processes / "
-              f"{meta['devices']} devices in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        log.info(f"wrote {Path(FLAGS.out_dir) / 'map'}: {meta['method']} map {meta['source_model']} -> "
+                 f"{meta['target_model']} from {meta['n_texts']} texts on {meta['processes']} processes / "
+                 f"{meta['devices']} devices in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from absl import app, flags
 from linalign_jax.distributed import MODES, initialize
 from linalign_jax.errors import LinalignError, exit_on_bad_input
 from linalign_jax.features import PROJECT_DEFAULTS, ExtractOptions
+from linalign_jax.io_utils import configure_logging
 
 FLAGS = flags.FLAGS
 DTYPES = ("float32", "bfloat16")
@@ -163,7 +164,7 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
 
     try:
         argv = flagfile_values_replaced(sys.argv, FLAGS)
-    except Exception:  # an unreadable flagfile: absl's own parse reports it
+    except (OSError, flags.Error):  # an unreadable flagfile: absl's own parse reports it
         argv = sys.argv
     app.run(wrapped, argv=argv)
 
@@ -193,13 +194,8 @@ def flagfile_values_replaced(argv: Sequence[str], flag_values=FLAGS) -> list:
 
 
 def _configure_logging() -> None:
-    from absl import logging as absl_logging
-
-    absl_logging.use_python_logging()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    # jax probes every backend it was built for; on a machine without TPUs that is noise, not news.
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    configure_logging()
+    # jax probes every backend it was built for (on a machine without TPUs that is noise, not news), and datasets
+    # announces the JAX it found: both at INFO.
+    for noisy in ("jax._src.xla_bridge", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -13,13 +13,15 @@ another file of the same model.
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from linalign_jax.features import ExtractOptions, FeatureSet
 from linalign_jax.precomputed import EmbeddingsFile, is_embeddings_spec, read_embeddings
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -61,7 +63,7 @@ class Embedder:
 
 def open_embedder(spec: str, dtype: str = "float32", expect_dim: Optional[int] = None) -> Embedder:
     """Load the model `spec` names, or read and check the embeddings file it names."""
-    print(f"loading {spec}", file=sys.stderr, flush=True)
+    log.info("loading %s", spec)
     if is_embeddings_spec(spec):
         file = read_embeddings(spec, expect_dim=expect_dim)
         return Embedder(spec=str(spec), fingerprint=file.fingerprint, family="precomputed", dim=file.dim, file=file)

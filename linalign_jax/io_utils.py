@@ -1,4 +1,7 @@
-"""Atomic file writes, hashing, the cache root and progress output shared by every stage.
+"""Atomic file writes, hashing, the cache root and progress logging shared by every stage.
+
+The library reports through `logging` (never print): binaries show INFO and above on stderr via
+`configure_logging()`, which `cli.run` calls; a library user chooses for themselves.
 
 Every artefact (cache entry, map, results file) is written to a temporary sibling and renamed into place, so an
 interrupted run never leaves a file that looks complete.
@@ -8,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -129,8 +133,20 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+log = logging.getLogger(__name__)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Log records of `level` and above as `HH:MM:SS name: message` on stderr (for binaries; replaces any handler)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
 class Progress:
-    """Prints `label: done/total (rate unit/s)` to stderr at most every `every` seconds, and once at the end."""
+    """Logs `label: done/total (rate unit/s)` at most every `every` seconds, and once at the end."""
 
     def __init__(self, label: str, total: int | None = None, unit: str = "items", every: float = 5.0):
         self.label, self.total, self.unit, self.every = label, total, unit, every
@@ -148,7 +164,7 @@ class Progress:
             self._print(now)
 
     def close(self) -> float:
-        """Print the final line, unless the last line printed already says it; return the seconds elapsed."""
+        """Log the final line, unless the last line logged already says it; return the seconds elapsed."""
         now = time.perf_counter()
         if self._printed != self.done:
             self._print(now)
@@ -161,5 +177,5 @@ class Progress:
         total = f"/{self.total}" if self.total is not None else ""
         rate = self.units / max(now - self.start, 1e-9)
         self._printed = self.done
-        print(f"{self.label}: {self.done}{total} ({rate:,.1f} {self.unit}/s, {now - self.start:.1f}s)",
-              file=sys.stderr, flush=True)
+        log.info("%s: %d%s (%s %s/s, %.1fs)", self.label, self.done, total, f"{rate:,.1f}", self.unit,
+                 now - self.start)

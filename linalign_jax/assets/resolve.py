@@ -87,5 +87,6 @@ def _snapshot(repo_id: str, revision: Optional[str]) -> Path:
 
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=list(_HUB_PATTERNS)))
-    except Exception as err:  # network, auth, missing repo: all mean the same thing to the caller
+    except (OSError, ValueError) as err:  # hub HTTP / connection errors are OSErrors; a bad repo id or revision is a
+        # ValueError; all mean the same thing to the caller
         raise LinalignError(f"could not fetch {spec}: {type(err).__name__}: {err}") from err

@@ -203,7 +203,8 @@ def _hub_dataset(spec: str):
     repo_id, revision = split_hub_id(spec)
     try:
         return datasets.load_dataset(repo_id, revision=revision)
-    except Exception as err:  # network, auth, missing repo, missing config: all mean the same thing to the caller
+    except (OSError, ValueError) as err:  # network / auth / missing repo (OSError subclasses in datasets and
+        # huggingface_hub), missing or ambiguous config (ValueError): all mean the same thing to the caller
         raise LinalignError(f"could not fetch {spec}: {type(err).__name__}: {err}") from err
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from linalign_jax.align.optax_map import holdout_split
 from linalign_jax.errors import LinalignError
 
 
@@ -78,13 +79,8 @@ def train_head(x: np.ndarray, labels: np.ndarray, num_classes: int, key: jax.Arr
         raise LinalignError("head training features contain NaN or Inf")
     if labels.min(initial=0) < 0 or labels.max(initial=0) >= num_classes:
         raise LinalignError(f"labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
-    n = x.shape[0]
-    n_val = max(1, int(round(n * config.val_fraction)))
-    if n - n_val < 2:
-        raise LinalignError(f"head training needs at least 3 labelled rows, got {n}")
     split_key, init_key = jax.random.split(key)
-    order = np.asarray(jax.random.permutation(split_key, n))
-    tr, va = order[n_val:], order[:n_val]
+    tr, va = holdout_split(split_key, x.shape[0], config.val_fraction, "head training (labelled rows)")
     mu = x[tr].mean(0)
     sigma = np.maximum(x[tr].std(0), 1e-6)
     xs = (x - mu) / sigma

@@ -10,8 +10,8 @@ converter gets a new entry. The family loaders then treat it like any HF checkpo
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -22,6 +22,8 @@ from linalign_jax.errors import LinalignError
 from linalign_jax.io_utils import Progress, atomic_path, atomic_write_json, cache_root
 from linalign_jax.models import checkpoint
 from linalign_jax.models.tokenizer import TOKENIZER_FILE, tokenizer_from_gguf
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
@@ -176,7 +178,7 @@ def materialize(gguf_path: str | os.PathLike) -> Path:
     tensor_names = {t.name for t in reader.tensors}
     cfg = config_from_metadata(md, tensor_names)
     arch = md["general.architecture"]
-    print(f"materialising {gguf_path.name} ({arch}) into {target}", file=sys.stderr, flush=True)
+    log.info("materialising %s (%s) into %s", gguf_path.name, arch, target)
     tensors = hf_tensors(reader, arch, cfg)
     tokenizer = tokenizer_from_gguf(md, arch)
     with atomic_path(target) as tmp:
@@ -186,7 +188,7 @@ def materialize(gguf_path: str | os.PathLike) -> Path:
         tokenizer.save(str(tmp / TOKENIZER_FILE))
         atomic_write_json(tmp / SOURCE_FILE, {"gguf": str(gguf_path.resolve()), "sha256": digest,
                                               "name": md.get("general.name"), "file_type": md.get("general.file_type")})
-    print(f"materialised {gguf_path.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    log.info("materialised %s in %.1fs", gguf_path.name, time.perf_counter() - start)
     return target
 
 

@@ -8,7 +8,6 @@ from typing import Any, Dict, Tuple
 
 from linalign_jax.models import checkpoint, llama
 from linalign_jax.models.base import DECODER, Family
-from linalign_jax.models.checkpoint import Rule
 from linalign_jax.models.core import DecoderConfig
 
 normalize_names = checkpoint.language_model_names

@@ -17,7 +17,7 @@ from linalign_jax.models import gguf, load_model
 
 REAL = Path(__file__).resolve().parents[1] / "fixtures" / "real"
 MODELS = ["SmolLM2-135M-Instruct", "gemma-3-270m"]
-REL_TOL = 1e-3
+REL_TOL = 1e-5  # README's parity claim
 
 
 def relative_error(got, ref) -> float:
