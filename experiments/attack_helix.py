@@ -44,7 +44,7 @@ flags.DEFINE_integer("d_a", 64, "fit: provider embedding dimension.")
 flags.DEFINE_integer("d_b", 48, "fit: client embedding dimension.")
 flags.DEFINE_integer("rank", 16, "fit: rank (column ciphertexts per fit).")
 flags.DEFINE_integer("fits", 5, "fit: number of fit sessions the attacker runs.")
-flags.DEFINE_integer("seed", 7, "Seed of the provider's secrets and the client's inputs.")
+flags.DEFINE_integer("attack_seed", 7, "Seed of the provider's secrets and the client's inputs.")
 flags.DEFINE_string("json_out", None, "Write the records as JSON here.")
 
 
@@ -181,7 +181,7 @@ def attack_c1(d: int, k: int, preset: str | None, rng: np.random.Generator) -> d
 
 def main(argv):
     del argv
-    rng = np.random.default_rng(FLAGS.seed)
+    rng = np.random.default_rng(FLAGS.attack_seed)
     print(f"attack_helix: load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
     records = []
     for name in FLAGS.attack:
