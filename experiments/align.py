@@ -36,12 +36,10 @@ results.json keys:
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from linalign_jax import cli
 
@@ -198,9 +196,7 @@ def config_from_flags() -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    command = "python -m experiments.align " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = cli.command_line()
     results = run(config_from_flags(), command)
     out = Path(FLAGS.out_dir)
     log.info(f"wrote {out / 'results.json'} and {out / 'results.md'} in {results['timing']['total_s']:.0f}s")

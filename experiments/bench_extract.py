@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import logging
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -179,8 +178,6 @@ def markdown(result: dict) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if min(FLAGS.batch, FLAGS.length, FLAGS.n_batches, FLAGS.warmup) < 1:
         raise app.UsageError("--batch, --length, --n_batches and --warmup must be >= 1")
     if FLAGS.threads > 0:
@@ -188,7 +185,7 @@ def main(argv):
     import numpy as np
 
     model_name = "random Llama-3-8B shape" if FLAGS.random_llama8b else FLAGS.model
-    result = {"command": "python -m experiments.bench_extract " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    result = {"command": cli.command_line(),
               "model": model_name, "dtype": FLAGS.dtype, "batch": FLAGS.batch, "length": FLAGS.length,
               "n_batches": FLAGS.n_batches, "threads": FLAGS.threads,
               "load_average": [round(x, 2) for x in os.getloadavg()], "cpu_count": os.cpu_count(), "sides": {}}

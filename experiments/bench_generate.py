@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from experiments.bench_common import hf_directory, load_average, restrict_cpu_threads, timed, torch_interpreter
 from linalign_jax import cli
@@ -93,8 +93,6 @@ def rates(timing: dict, tokens: int) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.threads > 0:
         restrict_cpu_threads(FLAGS.threads)
     import jax

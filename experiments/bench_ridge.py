@@ -33,7 +33,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("n", 100_000, "rows")
 flags.DEFINE_integer("d_in", 1024, "source dim")
 flags.DEFINE_integer("d_out", 1024, "target dim")
-flags.DEFINE_integer("batch_size", 8192, "rows per streamed batch")
+flags.DEFINE_integer("rows_per_batch", 8192, "rows per streamed batch")
 flags.DEFINE_float("ridge_lambda", 1.0, "λ for the fixed-λ rows")
 flags.DEFINE_integer("repeats", 3, "timed repeats per row (best is reported)")
 flags.DEFINE_integer("peak_size", 0, "n of the float32 n x n matmuls that measure the peak (0 = 2048 on CPU, "
@@ -84,26 +84,26 @@ def main(argv):
     x, y = make_data(FLAGS.n, FLAGS.d_in, FLAGS.d_out)
     lam = FLAGS.ridge_lambda
     # Compile once outside the timing (the jitted batch function has one shape per batch size).
-    ours(x[:2 * FLAGS.batch_size], y[:2 * FLAGS.batch_size], lam, "float32", FLAGS.batch_size)
+    ours(x[:2 * FLAGS.rows_per_batch], y[:2 * FLAGS.rows_per_batch], lam, "float32", FLAGS.rows_per_batch)
     ref_wall, ref_cpu, (W_ref, b_ref) = timed(lambda: numpy_normal_equations(x, y, lam), FLAGS.repeats)
     rows = [{"method": "numpy-f64", "wall_s": ref_wall, "cpu_s": ref_cpu, "speedup": 1.0, "rel_err_W": 0.0,
              "rel_err_b": 0.0}]
     for name, precision, lam_arg in (("ours-f32-xla", "float32", lam), ("ours-f64", "float64", lam),
                                      ("ours-f32-gcv", "float32", "auto")):
-        wall, cpu, (W, b, info) = timed(lambda: ours(x, y, lam_arg, precision, FLAGS.batch_size), FLAGS.repeats)
+        wall, cpu, (W, b, info) = timed(lambda: ours(x, y, lam_arg, precision, FLAGS.rows_per_batch), FLAGS.repeats)
         row = {"method": name, "wall_s": wall, "cpu_s": cpu, "speedup": ref_wall / wall, "lambda": info["lambda"]}
         if lam_arg != "auto":
             row["rel_err_W"] = float(np.linalg.norm(W - W_ref) / np.linalg.norm(W_ref))
             row["rel_err_b"] = float(np.linalg.norm(b - b_ref) / np.linalg.norm(b_ref))
         rows.append(row)
-    wall, cpu, _ = timed(lambda: accumulate_stats(iterate_batches(x, y, FLAGS.batch_size), precision="float32"),
+    wall, cpu, _ = timed(lambda: accumulate_stats(iterate_batches(x, y, FLAGS.rows_per_batch), precision="float32"),
                          FLAGS.repeats)
     flops = 2.0 * FLAGS.n * FLAGS.d_in * (FLAGS.d_in + FLAGS.d_out)
     peak = measured_peak_tflops("float32", FLAGS.peak_size)
     stats_row = {"method": "ours-f32-stats", "wall_s": wall, "cpu_s": cpu, "speedup": ref_wall / wall,
                  "tflops": flops / wall / 1e12}
     rows.append(stats_row)
-    env = {"n": FLAGS.n, "d_in": FLAGS.d_in, "d_out": FLAGS.d_out, "batch_size": FLAGS.batch_size, "lambda": lam,
+    env = {"n": FLAGS.n, "d_in": FLAGS.d_in, "d_out": FLAGS.d_out, "rows_per_batch": FLAGS.rows_per_batch, "lambda": lam,
            "repeats": FLAGS.repeats, "cpu_count": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
            "jax": jax.__version__, "numpy": np.__version__, "devices": [str(d) for d in jax.devices()],
            "machine": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from absl import app, flags
+from absl import flags
 
 from linalign_jax import cli
 
@@ -31,8 +31,6 @@ flags.mark_flags_as_required(["dump", "model", "out"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from linalign_jax.precomputed import convert_dump
 
     summary = convert_dump(FLAGS.dump, FLAGS.out, FLAGS.model, texts=FLAGS.texts, text_field=FLAGS.text_field,

@@ -21,12 +21,10 @@ Writes, replacing any earlier set only once all are complete (FILE.json last):
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from linalign_jax import cli
 from linalign_jax.errors import LinalignError
@@ -80,9 +78,7 @@ def run(command: str) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    command = "python -m experiments.extract " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = cli.command_line()
     start = time.perf_counter()
     meta = run(command)
     truncated = f"{meta['truncated']} of {meta['n_texts']} texts truncated at {meta['max_length']} tokens; " \

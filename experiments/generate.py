@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import math
 import logging
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from linalign_jax import cli
 from linalign_jax.align.ridge import parse_lambda
@@ -205,10 +203,7 @@ def config_from_flags() -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    command = "python -m experiments.generate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    results = run(config_from_flags(), command)
+    results = run(config_from_flags(), cli.command_line())
     log.info(f"wrote {FLAGS.out_dir}/results.json in {results['timing']['total_s']:.0f}s "
              f"(CPU {results['timing']['cpu_s']:.0f}s)")
     print(results_markdown(results))

@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import io
 import logging
-import shlex
-import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from linalign_jax.align.ridge import parse_lambda
 from linalign_jax import cli
+from linalign_jax.align.ridge import parse_lambda
 from linalign_jax.errors import LinalignError
 
 log = logging.getLogger(__name__)
 FLAGS = flags.FLAGS
+cli.define_model_flags()  # --dtype; the models come in --pair
+cli.define_data_flags()  # --data_seed, --text_column for --fit_data
+cli.define_extraction_flags(pooled=False)
 flags.DEFINE_multi_string("pair", [], "SOURCE=>TARGET (asset name, hub id or path each; repeatable)")
 flags.DEFINE_string("fit_data", "public", "fitting texts: a load_texts spec, an Alpaca file or an MMLU-format file")
 flags.DEFINE_integer("fit_texts", 4000, "texts the map is fitted on (the paper: 4,000)")
@@ -41,10 +42,6 @@ flags.DEFINE_string("alpaca_data", "", "Alpaca-format file (instruction, input, 
 flags.DEFINE_integer("alpaca_limit", 100, "instructions (the paper: 100 held-out prompts)")
 flags.DEFINE_integer("max_new_tokens", 128, "greedy token budget (the paper: 128)")
 flags.DEFINE_string("ridge_lambda", "1e-4", "ridge λ (the paper: 1e-4) or 'auto'")
-flags.DEFINE_integer("max_length", 256, "tokens per fitting text")
-flags.DEFINE_integer("batch_size", 8, "prompts decoded together, texts per extraction batch")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model weights and activations")
-flags.DEFINE_integer("seed", 0, "shuffling seed of the `public` corpus")
 flags.DEFINE_string("out_dir", None, "output directory")
 flags.mark_flags_as_required(["out_dir"])
 
@@ -61,7 +58,7 @@ def parse_pairs(specs) -> list:
     return pairs
 
 
-def fitting_texts(spec: str, seed: int) -> list:
+def fitting_texts(spec: str, seed: int, text_column: str = "text") -> list:
     """Texts of an Alpaca file (instruction + input + output), an MMLU-format file (question, choices, answer
     letter) or any load_texts spec."""
     from linalign_jax.data import load_texts
@@ -75,7 +72,7 @@ def fitting_texts(spec: str, seed: int) -> list:
             return [protocol.alpaca_text(r) for r in protocol.load_alpaca(path)]
         if {"question", "choices", "answer"} <= set(columns):
             return [f"{q.prompt()} {q.letters[q.answer]}" for q in protocol.load_multiple_choice(path)]
-    return load_texts(spec, seed=seed)
+    return load_texts(spec, seed=seed, text_column=text_column)
 
 
 def run_pair(source, target, fit, heldout, mc, alpaca, config, out_dir: Path, records: list) -> dict:
@@ -204,7 +201,7 @@ def run(config: dict, command: str, load=None) -> dict:
     pairs = parse_pairs(config["pair"])
     mc = protocol.load_multiple_choice(config["mc_data"], config["mc_limit"]) if config["mc_data"] else []
     alpaca = protocol.load_alpaca(config["alpaca_data"], config["alpaca_limit"]) if config["alpaca_data"] else []
-    pool = fitting_texts(config["fit_data"], config["seed"])
+    pool = fitting_texts(config["fit_data"], config["data_seed"], config["text_column"])
     fit, heldout = pool[:config["fit_texts"]], pool[config["fit_texts"]:config["fit_texts"] + config["heldout_texts"]]
     if not fit or not heldout:
         raise LinalignError(f"{config['fit_data']!r} has {len(pool)} texts: need --fit_texts={config['fit_texts']} "
@@ -232,15 +229,13 @@ def run(config: dict, command: str, load=None) -> dict:
 
 def config_from_flags() -> dict:
     keys = ("pair", "fit_data", "fit_texts", "heldout_texts", "heldout_tokens", "mc_data", "mc_limit", "alpaca_data",
-            "alpaca_limit", "max_new_tokens", "max_length", "batch_size", "dtype", "seed", "out_dir")
+            "alpaca_limit", "max_new_tokens", "max_length", "batch_size", "dtype", "data_seed", "text_column",
+            "out_dir")
     return {**{k: FLAGS[k].value for k in keys}, "ridge_lambda": parse_lambda(FLAGS.ridge_lambda)}
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    command = "python -m experiments.generate_sweep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    summary = run(config_from_flags(), command)
+    summary = run(config_from_flags(), cli.command_line())
     print(markdown(summary))
     log.info(f"wrote {FLAGS.out_dir}/results.json, outputs.jsonl ({summary['n_records']} records), "
              f"compat_vs_quality.png in {summary['seconds']:.0f}s")

@@ -4,7 +4,9 @@ layer × layer similarity and per-layer-pair alignment quality, with heatmaps.
     python -m experiments.layer_sweep --flagfile=configs/layer_sweep.flags
 
 Definitions: `linalign_jax.evaluate.layers` (alignment quality, matched depth) and `linalign_jax.similarity`
-(measures). Outputs in --out_dir (written into a staged copy, swapped in whole at the end): layer_sweep.json
+(measures). Model, data and extraction flags are the shared groups of `linalign_jax.cli` (unset --pooling /
+--normalize / --max_length: each model's own conventions; the values used are in "models"). Outputs in --out_dir
+(written into a staged copy, swapped in whole at the end): layer_sweep.json
 ({"command", "config", "models", "data", "similarity": {measure: [[L_s + 1] x [L_t + 1]]}, "alignment": {"map_r2",
 "map_top1", "accuracy_final_head", "accuracy_layer_head", "lambda": matrices, "native_accuracy": [L_t + 1]},
 "matched_depth": [{"source_layer", "target_layer", ...quality}], "timing"}; written last), layer_sweep.md and one
@@ -12,34 +14,24 @@ heatmap_<name>.png per matrix (rows = source layers, columns = target layers; 0 
 """
 from __future__ import annotations
 
-import shlex
-import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from linalign_jax import cli
 from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("source_model", None, "source model spec (rows of the matrices)")
-flags.DEFINE_string("target_model", None, "target model spec (columns; its head reads the mapped states)")
-flags.DEFINE_string("task_data", None, "labelled task dataset spec")
-flags.DEFINE_integer("train_limit", 1000, "stratified train rows (0 = all)")
-flags.DEFINE_integer("test_limit", 500, "stratified test rows (0 = all)")
-flags.DEFINE_enum("pooling", "mean", ["mean", "last", "cls"], "pooling of every layer's token states")
-flags.DEFINE_bool("normalize", True, "L2-normalise every layer's pooled embedding")
-flags.DEFINE_integer("max_length", 64, "tokens per text")
-flags.DEFINE_integer("batch_size", 64, "texts per extraction batch")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model compute dtype")
+cli.define_model_flags("source_model", "target_model")
+cli.define_data_flags("task_data")
+cli.define_extraction_flags(every_layer=True)
 flags.DEFINE_list("measures", ["linear_cka", "mutual_knn"], "layer x layer similarity measures (on the test rows)")
 flags.DEFINE_integer("knn_k", 10, "neighbours of the kNN measures")
 flags.DEFINE_integer("n_permutations", 20, "permutations of each measure's null")
 flags.DEFINE_enum("convention", "project", ["project", "platonic"], "similarity preprocessing convention")
 flags.DEFINE_string("ridge_lambda", "auto", "ridge λ of the per-layer maps: a float > 0, 'auto' (GCV) or 'cv'")
-flags.DEFINE_integer("seed", 0, "seed of the data split, heads and permutations")
-flags.DEFINE_string("feature_cache", None, "feature cache directory (default $LINALIGN_CACHE/features)")
+flags.DEFINE_integer("seed", 0, "seed of the heads and the permutations")
 flags.DEFINE_string("out_dir", None, "output directory")
 flags.mark_flags_as_required(["source_model", "target_model", "task_data", "out_dir"])
 
@@ -56,7 +48,8 @@ def run(command: str) -> dict:
     check_outside(FLAGS.out_dir, feature_cache=FLAGS.feature_cache, source_model=FLAGS.source_model,
                   target_model=FLAGS.target_model, task_data=FLAGS.task_data)
     data = load_task_texts(FLAGS.task_data, train_limit=FLAGS.train_limit, test_limit=FLAGS.test_limit,
-                           seed=FLAGS.seed, knn_k=FLAGS.knn_k if "knn" in ",".join(FLAGS.measures) else None)
+                           seed=FLAGS.data_seed, text_column=FLAGS.text_column, label_column=FLAGS.label_column,
+                           knn_k=FLAGS.knn_k if "knn" in ",".join(FLAGS.measures) else None)
     with staged_dir(FLAGS.out_dir) as out_dir:
         return _run_into(out_dir, data, map_config, command)
 
@@ -74,15 +67,15 @@ def _run_into(out_dir: Path, data: dict, map_config, command: str) -> dict:
     feats, models = {}, {}
     for side in ("source", "target"):
         embedder = open_embedder(getattr(FLAGS, f"{side}_model"), dtype=FLAGS.dtype)
+        options = {**cli.extraction_options().cache_kwargs(embedder.model), "layer": "all"}
         for split in ("train", "test"):
-            fs = embedder.features(data[split][0], layer="all", pooling=FLAGS.pooling, max_length=FLAGS.max_length,
-                                   normalize=FLAGS.normalize, batch_size=FLAGS.batch_size,
-                                   cache_dir=FLAGS.feature_cache, data=f"{FLAGS.task_data} ({split})")
+            fs = embedder.features(data[split][0], data=f"{FLAGS.task_data} ({split})", **options)
             if fs.array.ndim != 3:
                 raise LinalignError(f"{embedder.spec} gives no per-layer states (an embeddings file?); the layer "
                                     "sweep needs a model")
             feats[side, split] = fs.array
-        models[side] = {**embedder.info(), "hidden_states": int(feats[side, "train"].shape[0])}
+        models[side] = {**embedder.info(), "hidden_states": int(feats[side, "train"].shape[0]),
+                        **{k: options[k] for k in ("pooling", "normalize", "max_length", "instruction")}}
         del embedder
     extract_s = time.perf_counter() - start
     key = jax.random.key(FLAGS.seed)
@@ -99,12 +92,12 @@ def _run_into(out_dir: Path, data: dict, map_config, command: str) -> dict:
                 **{k: v for k, v in quality.items() if np.ndim(v) == 2}}
     names = (FLAGS.source_model, FLAGS.target_model)
     for name, mat in matrices.items():
-        reports.plot_layer_matrix(mat, *names, f"{name} ({FLAGS.task_data} test, {FLAGS.pooling} pooling)",
-                                  out_dir / f"heatmap_{name}.png")
+        title = f"{name} ({FLAGS.task_data} test, {models['source']['pooling']} pooling)"
+        reports.plot_layer_matrix(mat, *names, title, out_dir / f"heatmap_{name}.png")
     result = {"command": command, "models": models,
               "config": {k: FLAGS[k].value for k in ("task_data", "train_limit", "test_limit", "pooling", "normalize",
                                                      "max_length", "dtype", "measures", "knn_k", "n_permutations",
-                                                     "convention", "ridge_lambda", "seed")},
+                                                     "convention", "ridge_lambda", "seed", "data_seed")},
               "data": {"n_train": len(data["train"][0]), "n_test": len(data["test"][0]), "classes": data["classes"]},
               "similarity": {k: v.tolist() for k, v in sims.items()},
               "alignment": {k: np.asarray(v).tolist() for k, v in quality.items()},
@@ -116,10 +109,7 @@ def _run_into(out_dir: Path, data: dict, map_config, command: str) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    command = "python -m experiments.layer_sweep " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    run(command)
+    run(cli.command_line())
     print((Path(FLAGS.out_dir) / "layer_sweep.md").read_text())
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from linalign_jax import cli, distributed
 
@@ -81,8 +81,6 @@ def run() -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     start = time.perf_counter()
     cli.initialize_distributed()
     meta = run()

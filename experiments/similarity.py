@@ -13,12 +13,10 @@ and swapped in whole at the end (a failed run leaves the old one untouched). Out
 """
 from __future__ import annotations
 
-import shlex
-import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from linalign_jax import cli
 from linalign_jax.errors import LinalignError
@@ -97,10 +95,7 @@ def _run_into(out_dir: Path, texts: list, data_fp: str, command: str) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    command = "python -m experiments.similarity " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    run(command)
+    run(cli.command_line())
     print((Path(FLAGS.out_dir) / "similarity.md").read_text())
 
 

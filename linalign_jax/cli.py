@@ -6,6 +6,8 @@ A binary defines its flags from these groups plus its own, then hands `main` to 
     cli.define_data_flags("task_data", "public_data")
     cli.define_extraction_flags()
     ...
+    def main(argv):   # cli.run has already refused stray positional arguments
+        run(cli.command_line())
     if __name__ == "__main__":
         cli.run(main)
 
@@ -16,6 +18,7 @@ a binary built from library pieces never defines a flag twice.
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from typing import Callable, Sequence
 
@@ -86,10 +89,12 @@ def define_data_flags(*specs: str) -> None:
         flags.DEFINE_string("label_column", "label", "label column of a local / hub dataset")
 
 
-def define_extraction_flags(pooled: bool = True) -> None:
+def define_extraction_flags(pooled: bool = True, every_layer: bool = False) -> None:
     """--max_length, --batch_size and, for pooled (cacheable) features, --pooling, --layer, --normalize,
     --instruction and --feature_cache. Pooled binaries leave --pooling / --normalize / --max_length unset by default:
-    the model's own metadata decides (features.ExtractOptions.cache_kwargs), then features.PROJECT_DEFAULTS."""
+    the model's own metadata decides (features.ExtractOptions.cache_kwargs), then features.PROJECT_DEFAULTS.
+    Token-level binaries (pooled=False: the generation maps) get --max_length = PROJECT_DEFAULTS'. A binary that
+    pools every hidden state (every_layer=True: the layer sweep) has no --layer to choose."""
     if _defined("max_length"):
         return
     d = ExtractOptions()
@@ -102,7 +107,8 @@ def define_extraction_flags(pooled: bool = True) -> None:
         flags.DEFINE_string("feature_cache", d.cache_dir, "feature cache directory (default $LINALIGN_CACHE/features)")
         flags.DEFINE_enum("pooling", d.pooling, ["mean", "last", "cls"], "how token states become one vector per text"
                           + unset.format(PROJECT_DEFAULTS["pooling"]))
-        flags.DEFINE_integer("layer", d.layer, "-1: final hidden state (after the final norm); i: hidden_states[i]")
+        if not every_layer:
+            flags.DEFINE_integer("layer", d.layer, "-1: final hidden state (after the final norm); i: hidden_states[i]")
         flags.DEFINE_bool("normalize", d.normalize, "L2-normalise each pooled vector (sentence-transformers' output)"
                           + unset.format(PROJECT_DEFAULTS["normalize"]))
         flags.DEFINE_string("instruction", d.instruction, "task of an instruction-aware embedder (e5-mistral, "
@@ -121,6 +127,54 @@ def extraction_options() -> ExtractOptions:
                           max_length=FLAGS.max_length, normalize=value("normalize", d.normalize),
                           batch_size=FLAGS.batch_size, cache_dir=value("feature_cache", d.cache_dir),
                           instruction=value("instruction", d.instruction))
+
+
+def define_helix_flags() -> None:
+    """How a HELIX client reaches its provider: --provider (host:port) or --provider_file (the provider's port file),
+    the bearer token, TLS (--tls_ca, --tls_server_name), --allow_plaintext off loopback, the preset floor and the
+    per-call deadline --timeout_s."""
+    if _defined("provider"):
+        return
+    flags.DEFINE_string("provider", "127.0.0.1:50051", "provider host:port")
+    flags.DEFINE_string("provider_file", "", "read host/port from the provider's --port_file instead")
+    _define_helix_common()
+    flags.DEFINE_string("tls_ca", "", "PEM CA (or the provider's self-signed certificate): enables TLS")
+    flags.DEFINE_string("tls_server_name", "", "expected name in the provider's certificate, if not the host")
+    flags.DEFINE_float("timeout_s", 60.0, "deadline of each query (a fit gets --fit_timeout_s)")
+
+
+def define_helix_provider_flags() -> None:
+    """The provider's side of `define_helix_flags`: where it listens (--host, --port, --port_file for clients'
+    --provider_file), the token clients must present, TLS (--tls_cert + --tls_key), --allow_plaintext off loopback
+    and the preset floor."""
+    if _defined("port"):
+        return
+    flags.DEFINE_string("host", "127.0.0.1", "address to bind (0.0.0.0 for every interface; needs TLS or "
+                        "--allow_plaintext)")
+    flags.DEFINE_integer("port", 50051, "port to bind (0 = any free port, see --port_file)")
+    flags.DEFINE_string("port_file", "", "write {host, port, pid} here (atomically) once serving")
+    _define_helix_common()
+    flags.DEFINE_string("tls_cert", "", "PEM certificate chain; with --tls_key enables TLS")
+    flags.DEFINE_string("tls_key", "", "PEM private key for --tls_cert")
+
+
+def _define_helix_common() -> None:
+    """The flags both parties share, with the same meaning on either side."""
+    if _defined("token_file"):
+        return
+    flags.DEFINE_string("token", "", "the bearer token (prefer --token_file)")
+    flags.DEFINE_string("token_file", "", "file holding the bearer token")
+    flags.DEFINE_bool("allow_plaintext", False, "plaintext transport to / on a non-loopback address (trusted "
+                      "networks only; otherwise TLS)")
+    flags.DEFINE_bool("allow_insecure_preset_for_tests", False, "accept a CKKS preset below 128-bit security "
+                      "(tests only)")
+
+
+def helix_token() -> str:
+    """The bearer token from --token / --token_file (a LinalignError when neither or both are usable)."""
+    from linalign_jax.serve.auth import load_token
+
+    return load_token(FLAGS.token, FLAGS.token_file)
 
 
 def define_distributed_flags() -> None:
@@ -152,12 +206,22 @@ def int_list(name: str) -> list:
         raise LinalignError(f"--{name} takes comma-separated integers, got {','.join(FLAGS[name].value)!r}") from None
 
 
+def command_line() -> str:
+    """The command that reproduces this run (`python -m experiments.X --flag...`), for the results it writes."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    program = f"python -m {spec.name}" if spec is not None else f"python {sys.argv[0]}"
+    return " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
+
+
 def run(main: Callable[[Sequence[str]], None]) -> None:
-    """absl's app.run with the house conventions: library logs go to stderr at INFO (one format), JAX's backend
-    probing stays quiet, and a LinalignError (bad input) becomes one `error: ...` line and exit status 2. Every other
-    exception is a bug and keeps its traceback."""
+    """absl's app.run with the house conventions: stray positional arguments are a usage error (no binary takes
+    any), library logs go to stderr at INFO (one format), JAX's backend probing stays quiet, and a LinalignError (bad
+    input) becomes one `error: ...` line and exit status 2. Every other exception is a bug and keeps its traceback."""
 
     def wrapped(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         _configure_logging()
         with exit_on_bad_input():
             main(argv)

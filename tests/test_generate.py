@@ -18,13 +18,14 @@ from linalign_jax.align.maps import AffineMap, save_map
 from linalign_jax.assets import resolve_model
 from linalign_jax.errors import LinalignError
 from linalign_jax.generate import HybridPair, SamplingConfig, generate, generate_batch
-from linalign_jax.generate.decoding import CacheRows, bucket
+from linalign_jax.generate.decoding import CacheRows
 from linalign_jax.generate.evaluation import next_token_scores, summarize
 from linalign_jax.generate.hybrid import HybridRows, load_pair_map
 from linalign_jax.generate.sampling import sample_logits, top_p_filter
 from linalign_jax.generate.token_map import fit_token_map, fit_token_maps
 from linalign_jax.models import core, decoder_model, gguf, load_model
 from linalign_jax.models.tokenizer import load_tokenizer
+from linalign_jax.shapes import MIN_SEQUENCE, bucket
 from linalign_jax import tokenizer_compat
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -348,4 +349,4 @@ def test_bad_input_is_rejected(smol_tiny, gemma_tiny, tmp_path):
     with pytest.raises(LinalignError, match="not a decoder"):
         generate(load_model(str(FIXTURES / "encoders" / sorted(p.name for p in (FIXTURES / "encoders").iterdir()
                                                                  if p.is_dir())[0])), "Hi", max_new_tokens=2)
-    assert bucket(1) == 16 and bucket(17) == 32
+    assert bucket(1, MIN_SEQUENCE) == 16 and bucket(17, MIN_SEQUENCE) == 32  # prompts share few executables

@@ -110,7 +110,8 @@ def test_sweep_end_to_end(tmp_path):
     config = {"pair": ["tiny-gemma=>tiny-smol"], "fit_data": str(fit), "fit_texts": 8,
               "heldout_texts": 4, "heldout_tokens": 16, "mc_data": str(MC_FILE), "mc_limit": 3,
               "alpaca_data": str(ALPACA_FILE), "alpaca_limit": 1, "max_new_tokens": 6, "max_length": 32,
-              "batch_size": 4, "dtype": "float32", "seed": 0, "out_dir": str(out), "ridge_lambda": 1e-4}
+              "batch_size": 4, "dtype": "float32", "data_seed": 0, "text_column": "text", "out_dir": str(out),
+              "ridge_lambda": 1e-4}
     results = generate_sweep.run(config, "test", load=lambda spec, dtype: models[spec])
     assert results["complete"] and len(results["pairs"]) == 1
     assert json.loads((out / "results.json").read_text())["n_records"] == results["n_records"]

@@ -28,20 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from linalign_jax import shapes, tokenizer_compat
+from linalign_jax import tokenizer_compat
 from linalign_jax.errors import LinalignError
 from linalign_jax.generate.sampling import SamplingConfig, mask_logits, sample_logits
 from linalign_jax.models import core
 from linalign_jax.models.base import LoadedModel
+from linalign_jax.shapes import MIN_SEQUENCE, bucket
 
 DEFAULT_BATCH_SIZE = 8
 # End-of-sequence markers of the families we load; used when the caller gives no eos ids.
 EOS_TOKENS = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>")
-
-
-def bucket(n: int) -> int:
-    """The static length a prompt is padded to, or a cache is sized to (`shapes.bucket` from MIN_SEQUENCE)."""
-    return shapes.bucket(n, shapes.MIN_SEQUENCE)
 
 
 def default_eos_ids(tokenizer) -> tuple:
@@ -110,7 +106,7 @@ class CacheRows:
         check_decoder(model)
         self.model = model
         self.rest, self.layers = decoding_params(model)
-        self.cache = core.init_cache(model.config, batch_size, bucket(capacity), per_layer=True)
+        self.cache = core.init_cache(model.config, batch_size, bucket(capacity, MIN_SEQUENCE), per_layer=True)
         self.hidden = jnp.zeros((batch_size, model.hidden_size), model.config.compute_dtype)
         self.counts = np.zeros(batch_size, np.int64)
         self.used = 0
@@ -123,7 +119,7 @@ class CacheRows:
         """The first tokens of every row (an empty row is a filler), left-padded to one bucket."""
         if len(rows) != self.batch_size:
             raise LinalignError(f"prefill needs {self.batch_size} rows, got {len(rows)}")
-        width = bucket(max(len(r) for r in rows))
+        width = bucket(max(len(r) for r in rows), MIN_SEQUENCE)
         ids = np.full((self.batch_size, width), self.model.pad_token_id, np.int32)
         mask = np.zeros_like(ids)
         for i, r in enumerate(rows):
@@ -159,7 +155,7 @@ class CacheRows:
             self.cache = compact(self.cache)
             self.used = int(self.counts.max())
             if self.used + width > self.cache.max_length:
-                self.cache = grow(self.cache, bucket(self.used + width))
+                self.cache = grow(self.cache, bucket(self.used + width, MIN_SEQUENCE))
         states, self.cache = core.extend_layerwise(self.model.config, self.rest, self.layers, ids, mask, self.cache)
         self.hidden = _last_state(states, mask, self.hidden)
         self.used += width
@@ -275,7 +271,7 @@ class NativeRows:
 
     def __init__(self, model: LoadedModel, prompt_ids: Sequence[Sequence[int]], batch_size: int,
                  max_new_tokens: int):
-        self.rows = CacheRows(model, batch_size, bucket(max(map(len, prompt_ids))) + max_new_tokens)
+        self.rows = CacheRows(model, batch_size, bucket(max(map(len, prompt_ids)), MIN_SEQUENCE) + max_new_tokens)
         start = time.perf_counter()
         self.rows.prefill(list(prompt_ids) + [[]] * (batch_size - len(prompt_ids)))
         self.stats = [{"prompt_tokens": len(ids), "prefill_seconds": time.perf_counter() - start}

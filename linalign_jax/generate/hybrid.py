@@ -20,11 +20,12 @@ import jax.numpy as jnp
 from linalign_jax import tokenizer_compat
 from linalign_jax.align.maps import AffineMap, load_map
 from linalign_jax.errors import LinalignError
-from linalign_jax.generate.decoding import (DEFAULT_BATCH_SIZE, CacheRows, GenerationResult, StopAt, bucket,
+from linalign_jax.generate.decoding import (DEFAULT_BATCH_SIZE, CacheRows, GenerationResult, StopAt,
                                             check_decode_options, check_decoder, check_max_new_tokens, check_prompts,
                                             decode_rows, default_eos_ids, run_batches)
 from linalign_jax.generate.sampling import SamplingConfig
 from linalign_jax.models.base import LoadedModel
+from linalign_jax.shapes import MIN_SEQUENCE, bucket
 
 
 class HybridRows:
@@ -40,7 +41,7 @@ class HybridRows:
                  add_special_tokens: bool = True):
         self.feeds = [tokenizer_compat.SourceTokenFeed(source.tokenizer, add_special_tokens) for _ in prompts]
         ids = [feed.update(prompt)[1] for feed, prompt in zip(self.feeds, prompts)]
-        capacity = bucket(max(map(len, ids))) + int(self.SLACK * max_new_tokens) + 1
+        capacity = bucket(max(map(len, ids)), MIN_SEQUENCE) + int(self.SLACK * max_new_tokens) + 1
         self.rows = CacheRows(source, batch_size, capacity)
         start = time.perf_counter()
         self.rows.prefill(ids + [[]] * (batch_size - len(ids)))
