@@ -17,6 +17,10 @@ Levels (`presets.py`): the query arrives at degree 2 on three towers; baby-step 
 decomposition of the fresh ciphertext); each giant-step inner sum is rescaled to two towers before it is rotated, and
 the fold runs on two towers. `sanitize.sanitize` then re-randomizes, floods and rescales to one tower.
 
+Every diagonal is encoded with randomized rounding (`smoothing.py`), fresh per plan, and a plan re-samples itself
+after `smoothing.evaluation_budget` evaluations: what the result holds beyond the logits is then a Gaussian the client
+could sample itself. No diagonal is skipped, zero or not (which ones are zero would tell about A).
+
 Scaling keeps every slot inside the preset's headroom: inputs arrive as x / input_bound ∈ [-1, 1]; the plan divides
 A by a power of two s so that every output row's 1-norm (which bounds every partial sum, hence every intermediate
 slot) is at most headroom/8; the bias is added with the flood, costing no level. The client multiplies by
@@ -26,14 +30,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from typing import Any
 
 import numpy as np
 import openfhe as fhe
 
 from linalign_jax.errors import LinalignError
+from linalign_jax.helix import smoothing
 from linalign_jax.helix.presets import CkksPreset, choose_preset, context_for, get_preset
-from linalign_jax.helix.sanitize import sanitize
+from linalign_jax.helix.sanitize import fresh_generator, read_noise_std, sanitize
+from linalign_jax.shapes import bucket
 
 METHODS = ("hybrid", "replicated")
 # Relative cost of the primitive operations at one thread (ring 8192, 3 towers, measured roughly: EvalMult(ct, pt)
@@ -41,11 +48,6 @@ METHODS = ("hybrid", "replicated")
 # method.
 _COST_MULT, _COST_HOISTED, _COST_ROTATE, _COST_RESCALE = 0.3, 3.0, 3.5, 0.8
 VALUE_BUDGET_FRACTION = 1 / 8  # |every intermediate slot| <= headroom * this, before bias and flooding
-
-
-def bucket(n: int) -> int:
-    """The next power of two >= n (to be replaced by `linalign_jax.shapes.bucket` when it lands)."""
-    return 1 << max(0, math.ceil(math.log2(n)))
 
 
 def _split_bsgs(n_diagonals: int) -> tuple[int, int]:
@@ -177,13 +179,16 @@ def scaled_bias(a: np.ndarray, scale: float, input_bound: float, budget: float) 
 
 
 class LinearPlan:
-    """The provider's encoded diagonals for one layer, layout and preset; built once, shared by all sessions."""
+    """The provider's encoded diagonals for one layer, layout and preset; built once, shared by all sessions, and
+    re-encoded with fresh randomness every `evaluation_budget` evaluations."""
 
-    def __init__(self, layout: LinearLayout, scale: float, bias: np.ndarray,
-                 groups: list[tuple[int, list[tuple[int, fhe.Plaintext]]]]):
-        self.layout, self.scale, self._bias, self._groups = layout, scale, bias, groups
+    def __init__(self, layout: LinearLayout, A_scaled: np.ndarray, scale: float, bias: np.ndarray):
+        self.layout, self.scale, self._bias = layout, scale, bias
         self.preset = get_preset(layout.preset)
         self.value_budget = self.preset.headroom * VALUE_BUDGET_FRACTION
+        self.evaluation_budget = smoothing.evaluation_budget(self.preset, layout.d_in, read_noise_std(self.preset))
+        self._A_scaled, self._lock = A_scaled, threading.Lock()
+        self._groups, self._left = self._encode(), self.evaluation_budget
 
     @classmethod
     def build(cls, layout: LinearLayout, A: np.ndarray, a: np.ndarray | None = None,
@@ -196,22 +201,32 @@ class LinearPlan:
         preset = get_preset(layout.preset)
         if scale is None:  # plans whose results are summed (the fit's sample blocks) share one scale given by the caller
             scale = weight_scale(np.abs(A).sum(axis=0), preset.headroom * VALUE_BUDGET_FRACTION)
-        cc = context_for(preset)
-        slots, n1 = preset.slots, layout.n1
-        diagonals = _hybrid_diagonals(layout, A / scale) if layout.method == "hybrid" else \
-            _replicated_diagonals(layout, A / scale)
-        groups = []
-        for g in range(layout.n2):
-            members = []
-            for b in range(n1):
-                diag = diagonals(g * n1 + b)
-                if diag is None or not diag.any():
-                    continue
-                pre_rotated = np.roll(np.tile(diag, slots // len(diag)), g * n1)  # rot(D, -g*n1)
-                members.append((b, cc.MakeCKKSPackedPlaintext(pre_rotated)))
-            if members:
-                groups.append((g, members))
-        return cls(layout, scale, a, groups)
+        return cls(layout, A / scale, scale, a)
+
+    @property
+    def evaluations_left(self) -> int:
+        return self._left
+
+    def _encode(self) -> list[tuple[int, list[tuple[int, fhe.Plaintext]]]]:
+        """Randomized plaintexts of every diagonal (pre-rotated for its giant step), from a fresh generator."""
+        layout, preset, rng = self.layout, self.preset, fresh_generator()
+        cc, slots, n1 = context_for(preset), preset.slots, layout.n1
+        diagonals = (_hybrid_diagonals if layout.method == "hybrid" else _replicated_diagonals)(layout, self._A_scaled)
+        indices = [(g, b) for g in range(layout.n2) for b in range(n1) if diagonals(g * n1 + b) is not None]
+        smoothing.check_smoothing(len(indices) * preset.ring_dim)
+        groups: dict[int, list[tuple[int, fhe.Plaintext]]] = {}
+        for g, b in indices:
+            pre_rotated = np.roll(np.tile(diagonals(g * n1 + b), slots // layout.period), g * n1)  # rot(D, -g*n1)
+            groups.setdefault(g, []).append((b, smoothing.randomized_plaintext(cc, pre_rotated, preset, rng)))
+        return sorted(groups.items())
+
+    def _take_encoding(self) -> list[tuple[int, list[tuple[int, fhe.Plaintext]]]]:
+        """The encoding for one evaluation, re-sampled once the current one has served its budget."""
+        with self._lock:
+            if self._left <= 0:
+                self._groups, self._left = self._encode(), self.evaluation_budget
+            self._left -= 1
+            return self._groups
 
     def apply(self, cc: fhe.CryptoContext, public_key: fhe.PublicKey, ct: fhe.Ciphertext, input_bound: float,
               n: int) -> tuple[fhe.Ciphertext, float]:
@@ -230,21 +245,20 @@ class LinearPlan:
 
     def transform(self, cc: fhe.CryptoContext, ct: fhe.Ciphertext) -> fhe.Ciphertext:
         """Enc(x_s A / scale) in the layout's output slots, two towers at degree 2, before bias and sanitization."""
+        groups = self._take_encoding()
         baby = {0: ct}
-        needed = sorted({b for _, members in self._groups for b, _ in members} - {0})
+        needed = sorted({b for _, members in groups for b, _ in members} - {0})
         if needed:
             digits = cc.EvalFastRotationPrecompute(ct)
             m = cc.GetCyclotomicOrder()
             baby.update((b, cc.EvalFastRotation(ct, b, m, digits)) for b in needed)
         acc = None
-        for g, members in self._groups:
+        for g, members in groups:
             products = [cc.EvalMult(baby[b], pt) for b, pt in members]
             inner = cc.Rescale(cc.EvalAddMany(products) if len(products) > 1 else products[0])
             if g:
                 inner = cc.EvalRotate(inner, g * self.layout.n1)
             acc = inner if acc is None else cc.EvalAdd(acc, inner)
-        if acc is None:  # all-zero weights: an encryption of zero at the right level, from the query itself
-            acc = cc.Rescale(cc.EvalMult(ct, cc.MakeCKKSPackedPlaintext(np.zeros(self.layout.slots))))
         for s in range(self.layout.fold_steps):
             acc = cc.EvalAdd(acc, cc.EvalRotate(acc, self.layout.n_diagonals << s))
         return acc

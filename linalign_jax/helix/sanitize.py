@@ -1,5 +1,5 @@
 """Sanitization of every ciphertext the provider returns: what the client can compute with its secret key must not
-depend on the provider's weights beyond the protocol's outputs.
+depend on the provider's weights beyond the protocol's outputs, up to statistical distance 2^-LAMBDA per response.
 
 The client holds s and knows its own encryption randomness, so it can read c0 + c1·s exactly (`audit.py`): the
 encoded message plus the whole noise polynomial, every complex slot. Three channels, three measures:
@@ -8,23 +8,23 @@ encoded message plus the whole noise polynomial, every complex slot. Three chann
    under the client's public key (new randomness per response), which makes c1 an RLWE sample the client cannot
    explain (computational, RLWE with the client's own ring parameters).
 2. **The noise** e (the client's fresh noise ⊛ weights, key-switching and rescale rounding: all weight-dependent) is
-   covered by a fresh flood u with iid coefficients of standard deviation σ_F (statistical). If every coefficient of
-   e satisfies |e_j| ≤ B, then SD(e + u, u) ≤ ||e||_2 / (2 σ_F) ≤ sqrt(N)·B / (2 σ_F) for Gaussian u (Pinsker on the
-   KL divergence ||e||²/(2σ²)); σ_F = 2^(λ-1)·sqrt(N)·B gives 2^-λ. We use λ = 40 and B = 2^NOISE_BOUND_LOG2
-   (the measured maximum is logged by the tests; `tests/helix/test_sanitize.py` checks it stays ≥ 16× below B).
-   The flood is added at the level where the message sits at scale Δ² = 2^96, so it costs little precision:
-   σ_F = 2^(39 + 6.5 + 20) = 2^65.5, i.e. slot noise ≈ σ_F·sqrt(N/2)/2^96 ≈ 2^-24.5 (the final rescale by q1 keeps the
-   ratio). OpenFHE encodes a degree-2 plaintext on a coarse grid (its float encoder keeps 52 significant bits, the
-   low bits are zeros), so the flood is the sum of that coarse Gaussian and a fine one (std 2^46, exact integers,
-   encoded at degree 1 and relabelled): the fine part smooths the coarse grid (spacing ≤ 2^40) to within e^(-2π²·64)
-   of a continuous Gaussian.
-3. **The message** itself: imaginary parts and unread slots. The layouts make the result message exactly invariant
-   under rotation by k' (the fold is a full trace, see `linear.py`), so the message holds k' complex values
-   replicated; the client reads the real parts of the k logits. Everything else (imaginary parts; the k' - k padding
-   classes; in `replicated`/bulk layouts, the unread slots) gets a fresh complex Gaussian of std `MESSAGE_FLOOD`
-   (in slot units, against values ≤ headroom/8 = 4): those values are projections of CKKS encoding rounding (≤ 2^-30 of
-   the values) and are hidden with λ ≈ 30 only — the one place where the parameters cannot reach 40 at ring 8192
-   (stated in the README threat model).
+   covered by a fresh flood u with iid coefficients of standard deviation σ_F (statistical). Half of u's variance is
+   spent here, half on channel 3. If every coefficient of e satisfies |e_j| ≤ B, then
+   SD(e + u₁, u₁) ≤ ||e||_2 / (2 σ_F/√2) ≤ √2·sqrt(N)·B / (2 σ_F) for Gaussian u₁ (Pinsker on the KL divergence);
+   σ_F = 2^(NOISE_LAMBDA - 0.5)·sqrt(N)·B gives 2^-NOISE_LAMBDA. We use NOISE_LAMBDA = 41 and B = 2^NOISE_BOUND_LOG2
+   (the tests check the measured maximum stays ≥ 16× below B). The flood is added at the level where the message
+   sits at scale Δ² = 2^96, so it costs little precision: σ_F = 2^(40.5 + 6.5 + 20) = 2^67, i.e. slot noise
+   τ = σ_F·sqrt(N/2)/2^96 = 2^-23 (the final rescale by q1 keeps the ratio). OpenFHE encodes a degree-2 plaintext on
+   a coarse grid (its float encoder keeps 52 significant bits, the low bits are zeros), so the flood is the sum of
+   that coarse Gaussian and a fine one (std 2^46, exact integers, encoded at degree 1 and relabelled): the fine part
+   smooths the coarse grid (spacing ≤ 2^40) to within e^(-2π²·64) of a continuous Gaussian.
+3. **The message** itself: imaginary parts, padding classes, unread slots — where the deterministic encoding of the
+   weights would leave its rounding residue, a fixed function of V. The provider's plaintexts are encoded with
+   randomized rounding (`smoothing.py`): with the other half of u (and the std-`MESSAGE_FLOOD` Gaussian on every
+   component the client does not read) the whole message is within 4ε = 2^-44 per plan of a Gaussian centred on
+   the logits (and on 0 elsewhere) with a covariance the client knows; what remains (the client's own encoding
+   rounding, the center's long-double error) is below the std-64 flood with λ > 42.
+Together: ≤ 2^-41 + 2^-44 + 2^-43 < 2^-40 = 2^-LAMBDA per response (over Q responses the KL terms add: ≤ √Q·2^-40).
 
 Randomness: every draw comes from a numpy Generator seeded with 256 bits from os.urandom, new per response.
 """
@@ -38,15 +38,21 @@ import openfhe as fhe
 
 from linalign_jax.helix.presets import CkksPreset
 
-LAMBDA = 40
+LAMBDA = 40  # the statistical parameter of every response (channels 2 and 3 together)
+NOISE_LAMBDA = 41  # channel 2's share
 NOISE_BOUND_LOG2 = 20.0  # B: |coefficient| of the weight-dependent noise at the flooding point (measured ≤ 2^16)
 FINE_FLOOD_LOG2 = 46.0  # std of the fine (exact-integer) part of the flood
 MESSAGE_FLOOD = 64.0  # std (slot units) of the flood on imaginary parts and unread slots; values are ≤ headroom/8
 
 
 def noise_flood_log2(preset: CkksPreset) -> float:
-    """log2 σ_F = λ - 1 + log2 sqrt(N) + log2 B (see the module doc)."""
-    return LAMBDA - 1 + 0.5 * math.log2(preset.ring_dim) + NOISE_BOUND_LOG2
+    """log2 σ_F = NOISE_LAMBDA - 1/2 + log2 sqrt(N) + log2 B (see the module doc)."""
+    return NOISE_LAMBDA - 0.5 + 0.5 * math.log2(preset.ring_dim) + NOISE_BOUND_LOG2
+
+
+def read_noise_std(preset: CkksPreset) -> float:
+    """τ: the flood's std per real slot component, in slot units (coefficient std σ ↔ σ·sqrt(N/2)/Δ²)."""
+    return 2.0 ** noise_flood_log2(preset) * math.sqrt(preset.ring_dim / 2) / preset.base_scale ** 2
 
 
 def fresh_generator() -> np.random.Generator:
@@ -62,9 +68,7 @@ def sanitize(cc: fhe.CryptoContext, public_key: fhe.PublicKey, ct: fhe.Ciphertex
     reads. Every other real part and every imaginary part gets the message flood (`message_flood` = 0 only to
     measure the noise flood alone)."""
     rng = fresh_generator()
-    slots, scale2 = preset.slots, preset.base_scale ** 2
-    # coefficient std σ ↔ slot std per real component σ·sqrt(N/2)/scale (the embedding is sqrt(N/2)·unitary)
-    tau = 2.0 ** noise_flood_log2(preset) * math.sqrt(preset.ring_dim / 2) / scale2
+    slots, tau = preset.slots, read_noise_std(preset)
     values = message + rng.normal(0.0, tau, slots) + 1j * rng.normal(0.0, tau, slots)
     values += np.where(read, 0.0, rng.normal(0.0, message_flood, slots)) + 1j * rng.normal(0.0, message_flood, slots)
     coarse = cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(values.tolist(), 2, 1))  # fresh Enc_pk(0) + flood

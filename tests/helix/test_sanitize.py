@@ -96,3 +96,101 @@ def test_fit_with_one_row_more_than_a_block_returns_one_sum_per_column():
     got = (Z_B @ affine.W + affine.b) @ fitted.V + fitted.c
     want = (Z_B @ np.asarray(ref.W, np.float64) + np.asarray(ref.b)) @ head.V + head.c
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ randomized encoding of the provider's plaintexts
+
+
+def _plaintext_coefficients(client, raw, pt) -> np.ndarray:
+    """Exact integer coefficients of a degree-1 plaintext: added to the zero ciphertext ct - ct (ct a degree-1
+    encryption), read by raw decryption."""
+    cc = client._cc
+    ct = cc.Encrypt(client._keys.publicKey, cc.MakeCKKSPackedPlaintext(np.zeros(client.preset.slots).tolist()))
+    zero = cc.EvalSub(ct, ct)
+    return np.array([int(v) for v in raw.coefficients(cc.EvalAdd(zero, pt))[0]], dtype=np.int64)
+
+
+def _first_diagonal(layout, plan) -> tuple[np.ndarray, object]:
+    """The slot values of the plan's diagonal 0 (giant step 0: no pre-rotation) and its plaintext."""
+    from linalign_jax.helix.linear import _hybrid_diagonals
+
+    values = np.tile(_hybrid_diagonals(layout, plan._A_scaled)(0), layout.slots // layout.period)
+    (g, members), = [group for group in plan._groups if group[0] == 0]
+    (b, pt), = [m for m in members if m[0] == 0]
+    return values, pt
+
+
+def test_slot_order_and_exact_plaintexts_match_openfhe(production_session):
+    """`smoothing` computes OpenFHE's slot order itself and hands the encoder slot values that come back to exactly
+    the chosen integer coefficients (checked on every coefficient of a realistic-size polynomial)."""
+    from linalign_jax.helix import smoothing
+
+    layout, plan, client, provider, raw = production_session
+    assert np.array_equal(smoothing._positions(client.preset.ring_dim), raw._slot_map)
+    w = np.random.default_rng(11).integers(-2 ** 44, 2 ** 44, client.preset.ring_dim)
+    pt = smoothing.plaintext_of_coefficients(provider.cc, w, client.preset)
+    assert np.array_equal(_plaintext_coefficients(client, raw, pt), w)
+
+
+def test_plan_coefficients_are_fresh_discrete_gaussians_around_the_exact_center(production_session):
+    """Every coefficient of a plan's plaintext is w = c + z with z ~ D_{Z-c, r} (std r/√(2π) ≈ 2.39), independent of
+    the fractional part of the exact center c, fresh per build. The deterministic encoder (z = round(c) - c, the
+    engine before this change) has std 0.29, z a function of frac(c) (correlation ≈ -0.9), the same on every build:
+    this test fails there."""
+    from linalign_jax.helix import smoothing
+
+    layout, plan, client, provider, raw = production_session
+    values, pt = _first_diagonal(layout, plan)
+    center, residue = smoothing.exact_center(values, client.preset)
+    assert np.abs(residue).max() <= 2.0 ** smoothing.CENTER_ERROR_LOG2
+    w = _plaintext_coefficients(client, raw, pt)
+    z = (w - center).astype(np.float64)
+    frac = (center - np.floor(center)).astype(np.float64)
+    std = smoothing.R_PARAMETER / math.sqrt(2 * math.pi)
+    assert abs(z.std() / std - 1) < 0.03
+    assert abs(z.mean()) < 5 * std / math.sqrt(len(z))
+    assert abs(np.corrcoef(z, frac)[0, 1]) < 0.05
+    assert abs(np.mean(z ** 4) / z.var() ** 2 - 3) < 0.2  # Gaussian, not a rounding residue
+    again = LinearPlan(layout, plan._A_scaled, plan.scale, plan._bias)
+    w_again = _plaintext_coefficients(client, raw, _first_diagonal(layout, again)[1])
+    assert np.mean(w_again == w) < 0.25  # fresh randomness per build (equal draws: P ≈ 0.17 per coefficient)
+
+
+def test_message_channel_of_a_plan_is_a_fresh_gaussian_of_the_predicted_width(production_session):
+    """Before sanitization, the raw result of a query holds, beyond the logits, L(z): a Gaussian of std
+    σ·sqrt(N/2)·||x||/Δ in the real and the imaginary part of every class, independent between two builds of the
+    same head. The deterministic encoder leaves a fixed function of V there instead (two builds identical, 8× less
+    spread): this test fails on it. `sanitize` then floods exactly this channel (smoothing.py's domination bound)."""
+    from linalign_jax.helix import smoothing
+
+    layout, plan, client, provider, raw = production_session
+    x = np.random.default_rng(12).uniform(-1, 1, 4096)
+    query = provider._load(*unframe(client.encrypt(x), KIND_QUERY), "query", level=0)
+    other = LinearPlan(layout, plan._A_scaled, plan.scale, plan._bias)
+    classes = layout.n_diagonals  # the fold is a full trace: slot t holds class t mod k'
+    a, b = (raw.slots(p.transform(provider.cc, query))[:classes] for p in (plan, other))
+    sigma = smoothing.R_PARAMETER / math.sqrt(2 * math.pi)
+    predicted = sigma * math.sqrt(client.preset.ring_dim / 2) * np.linalg.norm(x) / client.preset.base_scale
+    diff = a - b
+    spread = np.concatenate([diff.real, diff.imag]).std() / math.sqrt(2)
+    assert abs(spread / predicted - 1) < 0.3
+    # components that are exactly 0 for exact weights: imaginary parts, padding classes (the read real parts carry
+    # the rescaling primes' 2^-20 departure from 2^48 times the logits, so they are compared between builds only)
+    single = np.concatenate([a.imag, a.real[layout.d_out:]])
+    assert abs(single.std() / predicted - 1) < 0.3
+
+
+def test_a_plan_re_encodes_itself_when_its_evaluation_budget_is_spent(production_session):
+    """The domination bound holds for `evaluation_budget` evaluations of one encoding (≈ 5.9 million at d = 4096);
+    then the plan re-samples every plaintext and keeps answering correctly."""
+    layout, plan, client, provider, raw = production_session
+    assert plan.evaluation_budget > 2 ** 22
+    fresh = LinearPlan(layout, plan._A_scaled, plan.scale, plan._bias)
+    fresh._left = 1
+    x = np.random.default_rng(13).uniform(-1, 1, 4096)
+    first = fresh._groups
+    outputs = [client.decrypt(provider.evaluate(fresh, client.encrypt(x))) for _ in range(2)]
+    assert fresh._groups is not first and fresh.evaluations_left == fresh.evaluation_budget - 1
+    want = x @ (plan._A_scaled * plan.scale) + plan._bias
+    for y in outputs:
+        np.testing.assert_allclose(y, want, atol=1e-3 * np.abs(want).max())
