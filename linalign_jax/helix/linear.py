@@ -39,7 +39,7 @@ import openfhe as fhe
 from linalign_jax.errors import LinalignError
 from linalign_jax.helix import smoothing
 from linalign_jax.helix.presets import CkksPreset, choose_preset, context_for, get_preset
-from linalign_jax.helix.sanitize import fresh_generator, read_noise_std, sanitize
+from linalign_jax.helix.sanitize import fresh_generator, sanitize
 from linalign_jax.shapes import bucket
 
 METHODS = ("hybrid", "replicated")
@@ -186,7 +186,7 @@ class LinearPlan:
         self.layout, self.scale, self._bias = layout, scale, bias
         self.preset = get_preset(layout.preset)
         self.value_budget = self.preset.headroom * VALUE_BUDGET_FRACTION
-        self.evaluation_budget = smoothing.evaluation_budget(self.preset, layout.d_in, read_noise_std(self.preset))
+        self.evaluation_budget = smoothing.evaluation_budget(self.preset, layout.d_in)
         self._A_scaled, self._lock = A_scaled, threading.Lock()
         self._groups, self._left = self._encode(), self.evaluation_budget
 

@@ -8,23 +8,24 @@ encoded message plus the whole noise polynomial, every complex slot. Three chann
    under the client's public key (new randomness per response), which makes c1 an RLWE sample the client cannot
    explain (computational, RLWE with the client's own ring parameters).
 2. **The noise** e (the client's fresh noise ⊛ weights, key-switching and rescale rounding: all weight-dependent) is
-   covered by a fresh flood u with iid coefficients of standard deviation σ_F (statistical). Half of u's variance is
-   spent here, half on channel 3. If every coefficient of e satisfies |e_j| ≤ B, then
-   SD(e + u₁, u₁) ≤ ||e||_2 / (2 σ_F/√2) ≤ √2·sqrt(N)·B / (2 σ_F) for Gaussian u₁ (Pinsker on the KL divergence);
-   σ_F = 2^(NOISE_LAMBDA - 0.5)·sqrt(N)·B gives 2^-NOISE_LAMBDA. We use NOISE_LAMBDA = 41 and B = 2^NOISE_BOUND_LOG2
-   (the tests check the measured maximum stays ≥ 16× below B). The flood is added at the level where the message
-   sits at scale Δ² = 2^96, so it costs little precision: σ_F = 2^(40.5 + 6.5 + 20) = 2^67, i.e. slot noise
-   τ = σ_F·sqrt(N/2)/2^96 = 2^-23 (the final rescale by q1 keeps the ratio). OpenFHE encodes a degree-2 plaintext on
+   covered by a fresh flood u with iid coefficients (statistical), the sum of two independent shares: u₁ of std
+   σ₁ for this channel, u₂ for channel 3. If every coefficient of e satisfies |e_j| ≤ B, then
+   SD(e + u₁, u₁) ≤ ||e||_2 / (2 σ₁) ≤ sqrt(N)·B / (2 σ₁) for Gaussian u₁ (Pinsker on the KL divergence);
+   σ₁ = 2^(NOISE_LAMBDA - 1)·sqrt(N)·B gives 2^-NOISE_LAMBDA. We use NOISE_LAMBDA = 40.5 and B = 2^NOISE_BOUND_LOG2
+   (the tests check the measured maximum stays ≥ 16× below B): σ₁ = 2^(39.5 + 6.5 + 20) = 2^66; u₂ (std 2^65.3,
+   `smoothing.domination_std` for 2^20 evaluations at d_in = slots) makes σ_F = 2^66.2. The flood is added at the
+   level where the message sits at scale Δ² = 2^96, so it costs little precision: slot noise
+   τ = σ_F·sqrt(N/2)/2^96 = 2^-23.8 (the final rescale by q1 keeps the ratio). OpenFHE encodes a degree-2 plaintext on
    a coarse grid (its float encoder keeps 52 significant bits, the low bits are zeros), so the flood is the sum of
    that coarse Gaussian and a fine one (std 2^46, exact integers, encoded at degree 1 and relabelled): the fine part
    smooths the coarse grid (spacing ≤ 2^40) to within e^(-2π²·64) of a continuous Gaussian.
 3. **The message** itself: imaginary parts, padding classes, unread slots — where the deterministic encoding of the
    weights would leave its rounding residue, a fixed function of V. The provider's plaintexts are encoded with
-   randomized rounding (`smoothing.py`): with the other half of u (and the std-`MESSAGE_FLOOD` Gaussian on every
-   component the client does not read) the whole message is within 4ε = 2^-44 per plan of a Gaussian centred on
+   randomized rounding (`smoothing.py`): with u₂ (and the std-`MESSAGE_FLOOD` Gaussian on every component the
+   client does not read) the whole message is within 4ε = 2^-44 per plan of a Gaussian centred on
    the logits (and on 0 elsewhere) with a covariance the client knows; what remains (the client's own encoding
    rounding, the center's long-double error) is below the std-64 flood with λ > 42.
-Together: ≤ 2^-41 + 2^-44 + 2^-43 < 2^-40 = 2^-LAMBDA per response (over Q responses the KL terms add: ≤ √Q·2^-40).
+Together: ≤ 2^-40.5 + 2^-44 + 2^-43 = 2^-40.16 < 2^-LAMBDA per response (over Q responses the KL terms add: ≤ √Q·2^-40).
 
 Randomness: every draw comes from a numpy Generator seeded with 256 bits from os.urandom, new per response.
 """
@@ -36,18 +37,23 @@ import os
 import numpy as np
 import openfhe as fhe
 
+from linalign_jax.helix import smoothing
 from linalign_jax.helix.presets import CkksPreset
 
 LAMBDA = 40  # the statistical parameter of every response (channels 2 and 3 together)
-NOISE_LAMBDA = 41  # channel 2's share
+NOISE_LAMBDA = 40.5  # channel 2's share
 NOISE_BOUND_LOG2 = 20.0  # B: |coefficient| of the weight-dependent noise at the flooding point (measured ≤ 2^16)
 FINE_FLOOD_LOG2 = 46.0  # std of the fine (exact-integer) part of the flood
 MESSAGE_FLOOD = 64.0  # std (slot units) of the flood on imaginary parts and unread slots; values are ≤ headroom/8
 
 
 def noise_flood_log2(preset: CkksPreset) -> float:
-    """log2 σ_F = NOISE_LAMBDA - 1/2 + log2 sqrt(N) + log2 B (see the module doc)."""
-    return NOISE_LAMBDA - 0.5 + 0.5 * math.log2(preset.ring_dim) + NOISE_BOUND_LOG2
+    """log2 σ_F, σ_F² = σ₁² + σ₂² (see the module doc): σ₁ = 2^(NOISE_LAMBDA - 1)·sqrt(N)·B covers the noise, σ₂
+    is the coefficient std of smoothing's domination share (slot std τ₂ ↔ coefficient std τ₂·Δ²/sqrt(N/2))."""
+    sigma1 = 2.0 ** (NOISE_LAMBDA - 1 + 0.5 * math.log2(preset.ring_dim) + NOISE_BOUND_LOG2)
+    tau2 = smoothing.domination_std(preset, preset.slots, smoothing.EVALUATIONS_PER_ENCODING)
+    sigma2 = tau2 * preset.base_scale ** 2 / math.sqrt(preset.ring_dim / 2)
+    return 0.5 * math.log2(sigma1 ** 2 + sigma2 ** 2)
 
 
 def read_noise_std(preset: CkksPreset) -> float:

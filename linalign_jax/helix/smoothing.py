@@ -14,15 +14,16 @@ coefficient is *sampled* from the discrete Gaussian D_{Z,c,r}, fresh per plan:
    parameter √(r² + s²), whatever c is (Regev 2009, JACM 56(6), Claim 3.9). With r = s = 6, ε = 2^-46: valid for
    M ≤ 2^28 (checked at every build).
 2. **Domination.** The client's raw view of the result is m = L(w) + f, L linear (known to the client: it is fixed
-   by its own encoded queries), f the provider's flood (`sanitize.py`: iid slot noise of std τ ≈ 2^-23 on every
-   component, plus std 64 on everything the client does not read). Half of f's covariance contains σ_u²·L Lᵀ
-   (σ_u = s/√(2π) the std of u') as long as τ²/2 ≥ σ_u²·Q·ℓ², where ℓ bounds a read component's functional: it meets
-   every plaintext slot once, times one query entry, so ℓ² ≤ (N/2)·d_in/Δ² (queries in [-1, 1]) and Q evaluations
-   of one plan add up. Then m = L(c) + L(z + u') + f'' ≈_4ε L(c) + Gaussian with a covariance the client knows:
+   by its own encoded queries, its inputs), f the provider's flood (`sanitize.py`: iid slot noise on every component,
+   of which a share of std τ₂ is reserved here, plus std 64 on everything the client does not read). f's covariance
+   contains σ_u²·L Lᵀ (σ_u = s/√(2π) the std of u') as long as τ₂² ≥ σ_u²·Q·ℓ², where ℓ bounds a read component's
+   functional: it meets every plaintext slot once, times one query entry, so ℓ² ≤ (N/2)·d_in/Δ² (queries in
+   [-1, 1]; components of different classes have disjoint supports) and Q evaluations of one plan add up. Then m = L(c) + L(z + u') + f'' ≈_4ε L(c) + Gaussian with a covariance the client knows:
    L(c) is the exact product of the weights with the client's encoded query in the read slots (the logits) and 0
    elsewhere up to the client's own encoding rounding (≤ 2^-80) and this module's center error (≤ 2^-16 per
    coefficient: extended-precision FFT, measured by the tests), both hidden by the std-64 flood with λ > 42.
-   `evaluation_budget` is the Q that keeps the inequality; a plan re-samples itself when it has been used that often.
+   τ₂ is sized for Q = 2^20 at d_in = slots (τ₂ = 2^-24.7 at ring 8192); `evaluation_budget` is the Q it covers for
+   a layout, and a plan re-samples itself when it has been used that often.
 
 The plan skips no diagonal (which diagonals are zero would be structure of V outside the logits). Samplers are the
 idealized float64 ones, as for every flood here.
@@ -41,6 +42,7 @@ from linalign_jax.helix.presets import CkksPreset
 R_PARAMETER = 6.0  # Gaussian parameter r of the coefficient sampler (std r/√(2π) ≈ 2.39)
 S_PARAMETER = 6.0  # parameter s of the virtual continuous Gaussian u' carved out of the flood
 EPSILON_LOG2 = -46.0  # smoothing error ε: 4ε = 2^-44 once per plan
+EVALUATIONS_PER_ENCODING = 2 ** 20  # then a plan re-samples (at d_in = slots; more for smaller inputs)
 CENTER_ERROR_LOG2 = -16.0  # budget on |computed center − exact center| per coefficient (long double FFT: ≈ 2^-19)
 _TAIL = math.ceil(R_PARAMETER * math.sqrt(64 * math.log(2) / math.pi))  # ρ_r beyond this offset is < 2^-64
 
@@ -57,11 +59,17 @@ def check_smoothing(coefficients: int) -> None:
                             f"{smoothing_bound(coefficients):.3f}, have {combined:.3f}: split the layer")
 
 
-def evaluation_budget(preset: CkksPreset, d_in: int, read_noise_std: float) -> int:
-    """Evaluations Q of one plan with τ²/2 ≥ σ_u²·Q·(N/2)·d_in/Δ² (the domination inequality of the module doc)."""
+def domination_std(preset: CkksPreset, d_in: int, evaluations: int) -> float:
+    """τ₂: the per-component slot std of flood that contains σ_u²·L Lᵀ for `evaluations` evaluations of one
+    encoding at input size d_in (τ₂² = σ_u²·Q·(N/2)·d_in/Δ², the domination inequality of the module doc)."""
     sigma_u = S_PARAMETER / math.sqrt(2 * math.pi)
-    per_query = sigma_u ** 2 * (preset.ring_dim / 2) * d_in / preset.base_scale ** 2
-    return int(read_noise_std ** 2 / 2 / per_query)
+    return sigma_u * math.sqrt(evaluations * (preset.ring_dim / 2) * d_in) / preset.base_scale
+
+
+def evaluation_budget(preset: CkksPreset, d_in: int) -> int:
+    """Evaluations one encoding may serve: the flood's share τ₂ is sized for EVALUATIONS_PER_ENCODING at d_in = slots
+    (`sanitize.py`), and τ₂² ∝ Q·d_in, so smaller inputs get proportionally more."""
+    return EVALUATIONS_PER_ENCODING * preset.slots // max(1, d_in)
 
 
 @functools.lru_cache(maxsize=None)

@@ -181,10 +181,20 @@ def test_message_channel_of_a_plan_is_a_fresh_gaussian_of_the_predicted_width(pr
 
 
 def test_a_plan_re_encodes_itself_when_its_evaluation_budget_is_spent(production_session):
-    """The domination bound holds for `evaluation_budget` evaluations of one encoding (≈ 5.9 million at d = 4096);
-    then the plan re-samples every plaintext and keeps answering correctly."""
+    """The flood's domination share covers `evaluation_budget` evaluations of one encoding (2^20 at d = 4096 = slots,
+    checked here against the inequality itself); then the plan re-samples every plaintext and keeps answering."""
+    from linalign_jax.helix import smoothing
+    from linalign_jax.helix.sanitize import noise_flood_log2
+
     layout, plan, client, provider, raw = production_session
-    assert plan.evaluation_budget > 2 ** 22
+    preset = client.preset
+    assert plan.evaluation_budget == 2 ** 20
+    tau = 2.0 ** noise_flood_log2(preset) * math.sqrt(preset.ring_dim / 2) / preset.base_scale ** 2
+    tau1 = 2.0 ** (39.5 + 0.5 * math.log2(preset.ring_dim) + NOISE_BOUND_LOG2) * math.sqrt(preset.ring_dim / 2) \
+        / preset.base_scale ** 2  # the noise channel's share (Pinsker, 2^-40.5)
+    sigma_u = smoothing.S_PARAMETER / math.sqrt(2 * math.pi)
+    ell2 = (preset.ring_dim / 2) * layout.d_in / preset.base_scale ** 2  # per read component and evaluation
+    assert tau ** 2 - tau1 ** 2 >= sigma_u ** 2 * plan.evaluation_budget * ell2 * (1 - 1e-9)
     fresh = LinearPlan(layout, plan._A_scaled, plan.scale, plan._bias)
     fresh._left = 1
     x = np.random.default_rng(13).uniform(-1, 1, 4096)
