@@ -19,21 +19,7 @@ import numpy as np
 import torch
 import transformers
 
-
-def build(spec: dict, dtype, device):
-    if spec["random_llama"]:
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(**spec["random_llama"])
-        with torch.device(device):  # build on the device in the target dtype: no 32 GB float32 detour on the host
-            previous = torch.get_default_dtype()
-            torch.set_default_dtype(dtype)
-            try:
-                model = transformers.LlamaModel(config)
-            finally:
-                torch.set_default_dtype(previous)
-    else:
-        model = transformers.AutoModel.from_pretrained(spec["model_dir"], dtype=dtype)
-    return model.to(device=device, dtype=dtype).eval()
+from torch_side import build, setup, timed, versions  # next to this script (run as a file, not a module)
 
 
 @torch.inference_mode()
@@ -54,35 +40,18 @@ def matmul_peak_tflops(spec: dict, dtype, device) -> float:
 
 
 def main(spec: dict) -> dict:
-    if spec["threads"] > 0:
-        torch.set_num_threads(spec["threads"])
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build(spec, dtype, device)
+    dtype, device = setup(spec)
+    model = build(spec, dtype, device, transformers.LlamaModel, transformers.AutoModel)
     ids = torch.from_numpy(np.load(spec["ids"]).astype(np.int64)).to(device)
     mask = torch.ones_like(ids)
 
     def step():
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = hidden.float().mean(1) if spec["pooling"] == "mean" else hidden[:, -1].float()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return pooled
+        return hidden.float().mean(1) if spec["pooling"] == "mean" else hidden[:, -1].float()
 
-    with torch.inference_mode():
-        for _ in range(spec["warmup"]):
-            pooled = step()
-        wall, cpu = [], []
-        for _ in range(spec["n_batches"]):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            step()
-            wall.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - cpu_start)
+    pooled, wall, cpu = timed(step, device, spec["warmup"], spec["n_batches"])
     return {"batch_seconds": wall, "batch_cpu_seconds": cpu, "peak_tflops": matmul_peak_tflops(spec, dtype, device),
-            "pooled_head": pooled[:2].cpu().numpy().tolist(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "pooled_head": pooled[:2].cpu().numpy().tolist(), **versions(device),
             "attn_implementation": getattr(model.config, "_attn_implementation", None)}
 
 

@@ -29,15 +29,15 @@ from linalign_jax import cli
 from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "SmolLM2-135M-Instruct", "the native model, the torch baseline and the hybrid's head")
-flags.DEFINE_string("source_model", "gemma-3-270m", "the hybrid's body ('' skips the hybrid)")
+# --model: the native model, the torch baseline and the hybrid's head; --source_model: the hybrid's body ('' skips it)
+cli.define_model_flags("model", "source_model",
+                       defaults={"model": "SmolLM2-135M-Instruct", "source_model": "gemma-3-270m"})
 flags.DEFINE_string("map_dir", "", "a saved source → model map; '' fits one on --fit_texts public texts")
 flags.DEFINE_integer("fit_texts", 100, "public texts for the map when --map_dir is empty")
 flags.DEFINE_integer("batch", 8, "prompts decoded together")
 flags.DEFINE_integer("new_tokens", 32, "tokens generated per prompt")
 flags.DEFINE_integer("repeats", 3, "timed runs per side (median)")
 flags.DEFINE_integer("threads", 1, "CPU threads for each side (0 = leave both libraries' defaults)")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model dtype")
 flags.DEFINE_string("torch_python", "", "interpreter with torch + transformers ('' = this one if it has torch, "
                     "else .venv-oracle; none: the torch side is skipped)")
 flags.DEFINE_string("json_out", "runs/bench_generate.json", "JSON output path")

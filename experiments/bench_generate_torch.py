@@ -14,59 +14,29 @@ of the last run, for a parity check), "torch", "transformers", "threads", "devic
 """
 import json
 import sys
-import time
 
 import numpy as np
 import torch
 import transformers
 
-
-def build(spec: dict, dtype, device):
-    if spec["random_llama"]:
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(**spec["random_llama"])
-        with torch.device(device):
-            previous = torch.get_default_dtype()
-            torch.set_default_dtype(dtype)
-            try:
-                model = transformers.LlamaForCausalLM(config)
-            finally:
-                torch.set_default_dtype(previous)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
-    return model.to(device=device, dtype=dtype).eval()
+from torch_side import build, setup, timed, versions  # next to this script (run as a file, not a module)
 
 
 def main(spec: dict) -> dict:
-    if spec["threads"] > 0:
-        torch.set_num_threads(spec["threads"])
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build(spec, dtype, device)
+    dtype, device = setup(spec)
+    model = build(spec, dtype, device, transformers.LlamaForCausalLM, transformers.AutoModelForCausalLM)
     ids = torch.from_numpy(np.load(spec["ids"]).astype(np.int64)).to(device)
     mask = torch.from_numpy(np.load(spec["mask"]).astype(np.int64)).to(device)
     n = spec["new_tokens"]
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
     def run():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                             min_new_tokens=n, pad_token_id=pad)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
+        return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                              min_new_tokens=n, pad_token_id=pad)
 
-    with torch.inference_mode():
-        for _ in range(spec["warmup"]):
-            out = run()
-        wall, cpu = [], []
-        for _ in range(spec["repeats"]):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            out = run()
-            wall.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - cpu_start)
+    out, wall, cpu = timed(run, device, spec["warmup"], spec["repeats"])
     return {"seconds": wall, "cpu_seconds": cpu, "new_ids": out[:, ids.shape[1]:].cpu().numpy().tolist(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+            **versions(device)}
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ from absl import flags
 from linalign_jax import cli
 
 FLAGS = flags.FLAGS
+# The real-model fit accuracy (skipped without --task_data): models, data and extraction as in helix_demo.
+cli.define_model_flags("source_model", "target_model",
+                       defaults={"source_model": "all-MiniLM-L6-v2", "target_model": "all-mpnet-base-v2"})
+cli.define_data_flags("task_data", "public_data", defaults={"public_limit": 4096})
+cli.define_extraction_flags(model_conventions=False)
 flags.DEFINE_list("query_shapes", ["4096x20", "768x20"], "head shapes d x k for the loopback query latency")
 flags.DEFINE_integer("queries", 100, "queries per shape")
 flags.DEFINE_list("bulk_shapes", ["768x20"], "head shapes d x k for served bulk (--bulk) over loopback")
@@ -39,13 +44,6 @@ flags.DEFINE_integer("bulk_queries", 4096, "queries per bulk measurement (one ca
 flags.DEFINE_integer("fit_n", 4096, "public-set samples of the synthetic fit")
 flags.DEFINE_list("fit_dims", ["768x768"], "synthetic fit dims: client d_B x provider d_A")
 flags.DEFINE_list("fit_ranks", ["64", "0"], "fit ranks to measure (0 = full rank)")
-flags.DEFINE_string("task_data", "", "labelled task for fit accuracy with real models ('' = skip)")
-flags.DEFINE_string("source_model", "all-MiniLM-L6-v2", "client model (real-model fit accuracy)")
-flags.DEFINE_string("target_model", "all-mpnet-base-v2", "provider model (real-model fit accuracy)")
-flags.DEFINE_string("public_data", "public", "public corpus (real-model fit accuracy)")
-flags.DEFINE_integer("public_limit", 4096, "public texts (real-model fit accuracy)")
-flags.DEFINE_integer("train_limit", 0, "stratified subsample of the task train split for the head (0 = all)")
-flags.DEFINE_integer("test_limit", 0, "stratified subsample of the task test split (0 = all)")
 flags.DEFINE_integer("provider_omp_threads", 1, "OpenMP threads of the provider process (the issue's targets: 2 cores)")
 flags.DEFINE_list("accuracy_ranks", ["16", "32", "64", "128", "0"], "ranks for accuracy vs r (real models)")
 flags.DEFINE_string("work_dir", "", "scratch directory (default: a temporary one)")
@@ -174,24 +172,21 @@ def real_fit_accuracy(work: Path, token_file: Path) -> list[dict]:
     """Accuracy vs rank of secure maps (client source model → provider's head) against the plaintext ridge map."""
     import jax
 
-    from experiments.helix_data import embed, subsample
+    from experiments.helix_data import embed
     from linalign_jax.align import fit_ridge
-    from linalign_jax.data import load_dataset, load_texts
+    from linalign_jax.data.task import load_task_texts
     from linalign_jax.evaluate.heads import train_head
     from linalign_jax.helix.protocol import ServedHead
     from linalign_jax.serve.heads import HeadStore
 
-    cfg = {"pooling": "mean", "normalize": True, "max_length": 128, "batch_size": 64, "dtype": "float32"}
-    task = load_dataset(FLAGS.task_data)
-    public = load_texts(FLAGS.public_data, limit=FLAGS.public_limit)
-    rows = {}
-    for split, limit in (("train", FLAGS.train_limit), ("test", FLAGS.test_limit)):
-        labels = np.asarray(task[split]["label"])
-        keep = subsample(labels, limit, 0)
-        rows[split] = ([task[split]["text"][i] for i in keep], labels[keep])
-    a_train, a_public = (embed(FLAGS.target_model, t, cfg) for t in (rows["train"][0], public))
-    b_test, b_public = (embed(FLAGS.source_model, t, cfg) for t in (rows["test"][0], public))
-    (_, labels), (_, y_test) = rows["train"], rows["test"]
+    options = cli.extraction_options()
+    data = load_task_texts(FLAGS.task_data, public_data=FLAGS.public_data, train_limit=FLAGS.train_limit,
+                           test_limit=FLAGS.test_limit, public_limit=FLAGS.public_limit, seed=FLAGS.data_seed,
+                           text_column=FLAGS.text_column, label_column=FLAGS.label_column)
+    a_train, a_public = (embed(FLAGS.target_model, t, options, FLAGS.dtype)
+                         for t in (data["train"][0], data["public"]))
+    b_test, b_public = (embed(FLAGS.source_model, t, options, FLAGS.dtype) for t in (data["test"][0], data["public"]))
+    (_, labels), (_, y_test) = data["train"], data["test"]
     trained = train_head(a_train, labels, int(labels.max()) + 1, jax.random.PRNGKey(0))
     head = ServedHead(np.asarray(trained.V), np.asarray(trained.c), tuple(map(str, range(trained.V.shape[1]))))
     plain_map, _ = fit_ridge(b_public, a_public)

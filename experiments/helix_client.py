@@ -30,40 +30,24 @@ from linalign_jax import cli
 from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
+cli.define_helix_flags()
+cli.define_model_flags("model")
+cli.define_data_flags("task_data", "public_data", defaults={"public_limit": 4096})
+cli.define_extraction_flags(model_conventions=False)
 flags.DEFINE_enum("mode", "classify", ["classify", "fit"], "what to do with the provider")
-flags.DEFINE_string("provider", "127.0.0.1:50051", "provider host:port")
-flags.DEFINE_string("provider_file", "", "read host/port from the provider's --port_file instead")
-flags.DEFINE_string("token", "", "bearer token (prefer --token_file)")
-flags.DEFINE_string("token_file", "", "file holding the bearer token")
-flags.DEFINE_string("tls_ca", "", "PEM CA (or the provider's self-signed certificate): enables TLS")
-flags.DEFINE_string("tls_server_name", "", "expected name in the provider's certificate, if not the host")
-flags.DEFINE_bool("allow_plaintext", False, "talk to a non-loopback provider without TLS (trusted networks only)")
-flags.DEFINE_bool("allow_insecure_preset_for_tests", False, "accept a provider preset below 128-bit (tests only)")
 flags.DEFINE_bool("bulk", False, "classify: all queries in one streamed feature-major call (no per-query latency)")
 flags.DEFINE_string("plaintext_head", "", "classify: the provider's saved head, to print the plaintext accuracy too")
-flags.DEFINE_float("timeout_s", 60.0, "deadline of each query (a fit gets --fit_timeout_s)")
 flags.DEFINE_float("fit_timeout_s", 3600.0, "deadline of the whole secure fit")
-flags.DEFINE_string("model", "", "the client's own model spec")
 flags.DEFINE_string("map", "", "saved map directory (classify)")
-flags.DEFINE_string("task_data", "", "labelled dataset spec whose test split is classified")
-flags.DEFINE_integer("test_limit", 0, "stratified subsample of the test split (0 = all)")
 flags.DEFINE_string("features", "", ".npy client embeddings to classify (instead of --model/--task_data)")
 flags.DEFINE_string("labels", "", ".npy labels for --features")
 flags.DEFINE_float("input_bound", 0.0, "public bound on |mapped embedding| entries (0 = next power of two of the data)")
 flags.DEFINE_string("out", "", "classify: predictions JSON")
-flags.DEFINE_string("public_data", "public", "fit: public corpus spec (same texts, same order as the provider's)")
-flags.DEFINE_integer("public_limit", 4096, "fit: texts taken from the public corpus")
 flags.DEFINE_string("public_features", "", "fit: .npy client embeddings of the public set (instead of --model)")
 flags.DEFINE_integer("rank", 0, "fit: 0 = full-rank map, r = both sides reduce to their own top-r PCA basis")
 flags.DEFINE_string("ridge_lambda", "auto", "fit: ridge λ or 'auto' (GCV)")
 flags.DEFINE_integer("batch_columns", 8, "fit: column ciphertexts per message")
 flags.DEFINE_string("map_out", "", "fit: where the map is saved (atomically, only after a complete fit)")
-flags.DEFINE_enum("pooling", "mean", ["mean", "last", "cls"], "pooling of the client's model")
-flags.DEFINE_bool("normalize", True, "L2-normalise pooled embeddings")
-flags.DEFINE_integer("max_length", 128, "tokens per text")
-flags.DEFINE_integer("batch_size", 64, "texts per extraction batch")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model compute dtype")
-flags.DEFINE_integer("data_seed", 0, "seed of the dataset split and the public-set shuffle (match the provider)")
 
 
 def _embed(texts: list[str]) -> np.ndarray:
@@ -80,7 +64,6 @@ def _load_npy(path: str, what: str) -> np.ndarray:
 
 
 def connect():
-    from linalign_jax.serve.auth import load_token
     from linalign_jax.serve.client import ProviderClient
 
     target = FLAGS.provider
@@ -91,7 +74,7 @@ def connect():
             target = f"{where['host']}:{where['port']}"
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise LinalignError(f"--provider_file {FLAGS.provider_file} is not a provider's port file: {e}") from None
-    return ProviderClient(target, token=load_token(FLAGS.token, FLAGS.token_file), tls_ca=FLAGS.tls_ca or None,
+    return ProviderClient(target, token=cli.helix_token(), tls_ca=FLAGS.tls_ca or None,
                           tls_server_name=FLAGS.tls_server_name or None, allow_plaintext=FLAGS.allow_plaintext,
                           allow_insecure_preset_for_tests=FLAGS.allow_insecure_preset_for_tests,
                           timeout_s=FLAGS.timeout_s)
@@ -153,12 +136,13 @@ def task_embeddings() -> tuple[np.ndarray, np.ndarray]:
         return Z, labels
     if not FLAGS.task_data:
         raise LinalignError("give --task_data (with --model) or --features")
-    from experiments.helix_data import subsample
+    from linalign_jax.data.splits import stratified_subsample
     from linalign_jax.data import load_dataset
 
-    test = load_dataset(FLAGS.task_data, seed=FLAGS.data_seed)["test"]
+    test = load_dataset(FLAGS.task_data, seed=FLAGS.data_seed, text_column=FLAGS.text_column,
+                        label_column=FLAGS.label_column)["test"]
     labels = np.asarray(test["label"])
-    keep = subsample(labels, FLAGS.test_limit, FLAGS.data_seed)
+    keep = stratified_subsample(labels, FLAGS.test_limit, FLAGS.data_seed)
     return _embed([test["text"][i] for i in keep]), labels[keep]
 
 
@@ -202,7 +186,7 @@ def classify() -> dict:
                 "latency_ms": float(run.latency_s[i] * 1e3), "bytes_up": int(run.bytes_up[i]),
                 "bytes_down": int(run.bytes_down[i])} for i in range(len(predictions))]
     if FLAGS.out:
-        atomic_write_json(FLAGS.out, {"command": " ".join(sys.argv), "summary": summary, "labels": info["head"]["labels"],
+        atomic_write_json(FLAGS.out, {"command": cli.command_line(), "summary": summary, "labels": info["head"]["labels"],
                                       "predictions": records, "logits": run.logits})
     acc = "n/a" if summary["accuracy"] is None else f"{summary['accuracy']:.4f}"
     plain_acc = ("n/a (give --plaintext_head)" if summary["prediction_agreement"] is None else
@@ -235,14 +219,15 @@ def fit() -> dict:
         else:
             from linalign_jax.data import load_texts
 
-            Z_B = _embed(load_texts(FLAGS.public_data, limit=FLAGS.public_limit, seed=FLAGS.data_seed))
+            Z_B = _embed(load_texts(FLAGS.public_data, limit=FLAGS.public_limit, seed=FLAGS.data_seed,
+                                    text_column=FLAGS.text_column))
         check_public_set(info, len(Z_B))
         run = secure_fit(client, Z_B, rank=FLAGS.rank, lam=lam, batch_columns=FLAGS.batch_columns,
                          timeout_s=FLAGS.fit_timeout_s)
     save_map(FLAGS.map_out, run.affine, {**run.info, "source_model": FLAGS.model or FLAGS.public_features,
                                          "pooling": FLAGS.pooling, "normalize": FLAGS.normalize,
                                          "max_length": FLAGS.max_length, "provider": client.target,
-                                         "command": " ".join(sys.argv)})
+                                         "command": cli.command_line()})
     print(f"secure fit: map [{run.affine.source_dim} -> {run.affine.target_dim}] (rank {FLAGS.rank or 'full'}, "
           f"λ={run.info['lambda']:.3g}) saved to {FLAGS.map_out} in {time.perf_counter() - start:.1f} s, "
           f"{run.info['bytes_total'] / 1e6:.1f} MB exchanged (keys {run.info['key_bundle_bytes'] / 1e6:.1f} MB, "

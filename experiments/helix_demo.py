@@ -15,7 +15,6 @@ from __future__ import annotations
 import secrets
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,57 +24,54 @@ from linalign_jax import cli
 from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("source_model", "all-MiniLM-L6-v2", "party B's (client's) model")
-flags.DEFINE_string("target_model", "all-mpnet-base-v2", "party A's (provider's) model: owns the head")
-flags.DEFINE_string("task_data", "trec", "labelled task: the provider trains on train, the client classifies test")
-flags.DEFINE_string("public_data", "public", "public corpus for the secure fit")
-flags.DEFINE_integer("public_limit", 4096, "public texts")
-flags.DEFINE_integer("train_limit", 0, "provider: stratified subsample of the train split for its head (0 = all)")
-flags.DEFINE_integer("test_limit", 0, "stratified subsample of the test split (0 = all)")
+cli.define_model_flags("source_model", "target_model",
+                       defaults={"source_model": "all-MiniLM-L6-v2", "target_model": "all-mpnet-base-v2"})
+cli.define_data_flags("task_data", "public_data", defaults={"task_data": "trec", "public_limit": 4096})
+cli.define_extraction_flags(model_conventions=False)
 flags.DEFINE_string("map", "", "saved map directory ('' = fit one securely with the provider)")
 flags.DEFINE_integer("fit_rank", 0, "secure fit: 0 = full rank, r = rank-r on both sides")
 flags.DEFINE_string("ridge_lambda", "auto", "secure fit ridge λ or 'auto'")
 flags.DEFINE_string("out_dir", "runs/helix_demo", "output directory")
-flags.DEFINE_enum("pooling", "mean", ["mean", "last", "cls"], "pooling (both models)")
-flags.DEFINE_bool("normalize", True, "L2-normalise pooled embeddings")
-flags.DEFINE_integer("max_length", 128, "tokens per text")
-flags.DEFINE_integer("data_seed", 0, "seed of the dataset split and the public-set shuffle")
 flags.DEFINE_float("provider_start_timeout_s", 3600.0, "wait this long for the provider (head training, embedding)")
 
 
 def start_provider(out_dir: Path, token_file: Path) -> tuple[subprocess.Popen, str]:
     from linalign_jax.serve.launch import launch_provider
 
+    extraction = {name: FLAGS[name].value for name in ("pooling", "normalize", "max_length", "batch_size", "layer",
+                                                       "instruction", "feature_cache", "dtype", "data_seed",
+                                                       "text_column", "label_column")}
     return launch_provider({"model": FLAGS.target_model, "task_data": FLAGS.task_data,
-                            "train_limit": FLAGS.train_limit,
+                            "train_limit": FLAGS.train_limit, "test_limit": FLAGS.test_limit,
                             "save_head": out_dir / "provider_head", "public_data": FLAGS.public_data,
                             "public_limit": FLAGS.public_limit, "state_dir": out_dir / "provider_state",
-                            "port": 0, "token_file": token_file, "pooling": FLAGS.pooling,
-                            "normalize": FLAGS.normalize, "max_length": FLAGS.max_length,
-                            "data_seed": FLAGS.data_seed},
+                            "port": 0, "token_file": token_file,
+                            **{k: v for k, v in extraction.items() if v is not None}},
                            out_dir / "provider_port.json", timeout_s=FLAGS.provider_start_timeout_s)
 
 
 def run(out_dir: Path) -> dict:
-    from experiments.helix_data import embed, subsample
+    from experiments.helix_data import embed
     from linalign_jax.align import apply_map, load_map, save_map
     from linalign_jax.align.ridge import parse_lambda
     from linalign_jax.data import load_dataset, load_texts
+    from linalign_jax.data.splits import stratified_subsample
     from linalign_jax.io_utils import atomic_write_json
     from linalign_jax.serve.client import ProviderClient
     from linalign_jax.serve.heads import HeadStore, load_head
     from linalign_jax.serve.parties import classify, secure_fit
 
-    cfg = {"pooling": FLAGS.pooling, "normalize": FLAGS.normalize, "max_length": FLAGS.max_length,
-           "batch_size": 64, "dtype": "float32"}
-    test = load_dataset(FLAGS.task_data, seed=FLAGS.data_seed)["test"]
+    options = cli.extraction_options()
+    test = load_dataset(FLAGS.task_data, seed=FLAGS.data_seed, text_column=FLAGS.text_column,
+                        label_column=FLAGS.label_column)["test"]
     labels = np.asarray(test["label"])
-    keep = subsample(labels, FLAGS.test_limit, FLAGS.data_seed)
+    keep = stratified_subsample(labels, FLAGS.test_limit, FLAGS.data_seed)
     labels = labels[keep]
     sets = {"test": [test["text"][i] for i in keep]}
     if not FLAGS.map:
-        sets["public"] = load_texts(FLAGS.public_data, limit=FLAGS.public_limit, seed=FLAGS.data_seed)
-    client_feats = {name: embed(FLAGS.source_model, texts, cfg) for name, texts in sets.items()}
+        sets["public"] = load_texts(FLAGS.public_data, limit=FLAGS.public_limit, seed=FLAGS.data_seed,
+                                    text_column=FLAGS.text_column)
+    client_feats = {name: embed(FLAGS.source_model, texts, options, FLAGS.dtype) for name, texts in sets.items()}
 
     token_file = out_dir / "token"
     token_file.write_text(secrets.token_hex(32))
@@ -107,7 +103,7 @@ def run(out_dir: Path) -> dict:
     plain_logits = mapped @ head.V + head.c
     helix_pred, plain_pred = queries.logits.argmax(1), plain_logits.argmax(1)
     summary = queries.summary()
-    result = {"command": " ".join(sys.argv), "source_model": FLAGS.source_model, "target_model": FLAGS.target_model,
+    result = {"command": cli.command_line(), "source_model": FLAGS.source_model, "target_model": FLAGS.target_model,
               "task_data": FLAGS.task_data, "test_rows": int(len(labels)), "map": FLAGS.map or "secure fit",
               "helix_accuracy": float(np.mean(helix_pred == labels)),
               "plaintext_accuracy": float(np.mean(plain_pred == labels)),

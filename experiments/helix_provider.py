@@ -24,31 +24,16 @@ from linalign_jax import cli
 from linalign_jax.errors import LinalignError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("host", "127.0.0.1", "address to bind (0.0.0.0 for every interface; needs TLS or --allow_plaintext)")
-flags.DEFINE_integer("port", 50051, "port to bind (0 = any free port, see --port_file)")
-flags.DEFINE_string("port_file", "", "write {host, port, pid} here (atomically) once serving")
-flags.DEFINE_string("token", "", "bearer token clients must present (prefer --token_file)")
-flags.DEFINE_string("token_file", "", "file holding the bearer token")
-flags.DEFINE_string("tls_cert", "", "PEM certificate chain; with --tls_key enables TLS")
-flags.DEFINE_string("tls_key", "", "PEM private key for --tls_cert")
-flags.DEFINE_bool("allow_plaintext", False, "serve a non-loopback address without TLS (trusted networks only)")
+cli.define_helix_provider_flags()
+cli.define_model_flags("model")
+cli.define_data_flags("task_data", "public_data", defaults={"public_data": "", "public_limit": 4096})
+cli.define_extraction_flags(model_conventions=False)
 flags.DEFINE_string("head", "", "saved head directory to serve ('' = train one on --task_data)")
 flags.DEFINE_string("save_head", "", "write the trained head here")
-flags.DEFINE_string("model", "", "the provider's own model spec (trains the head, embeds the public set)")
-flags.DEFINE_string("task_data", "", "labelled dataset spec the head is trained on")
-flags.DEFINE_integer("train_limit", 0, "stratified subsample of the train split (0 = all)")
 flags.DEFINE_integer("head_seed", 0, "PRNG seed of head training")
 flags.DEFINE_bool("head_test_accuracy", False, "also embed the task's test split to log (and save) the head's accuracy")
-flags.DEFINE_string("public_data", "", "public corpus spec for secure fits ('' = no fits unless --public_features)")
-flags.DEFINE_integer("public_limit", 4096, "texts taken from the public corpus")
 flags.DEFINE_string("public_features", "", ".npy [N, d] provider embeddings of the public set (instead of --model)")
 flags.DEFINE_string("public_name", "", "name clients use for the public set (default: the spec or file name)")
-flags.DEFINE_enum("pooling", "mean", ["mean", "last", "cls"], "pooling of the provider's model")
-flags.DEFINE_bool("normalize", True, "L2-normalise pooled embeddings")
-flags.DEFINE_integer("max_length", 128, "tokens per text")
-flags.DEFINE_integer("batch_size", 64, "texts per extraction batch")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "model compute dtype")
-flags.DEFINE_integer("data_seed", 0, "seed of the dataset split and the public-set shuffle")
 flags.DEFINE_string("state_dir", "", "keeps head variants registered by secure fits across restarts")
 flags.DEFINE_integer("max_sessions", 64, "live sessions at most")
 flags.DEFINE_integer("max_fitted_heads", 256, "head variants registered by secure fits kept at most (oldest go first)")
@@ -62,7 +47,6 @@ flags.DEFINE_float("call_timeout_s", 300.0, "server-side deadline of one unary c
 flags.DEFINE_integer("max_message_mb", 0, "largest gRPC message accepted or sent (MiB; 0 = the largest real request)")
 flags.DEFINE_integer("workers", 8, "RPC worker threads besides the one each session lease holds")
 flags.DEFINE_string("preset", "auto", "CKKS preset every client must use ('auto' = smallest 128-bit ring per layout)")
-flags.DEFINE_bool("allow_insecure_preset_for_tests", False, "accept a preset below 128-bit security (tests only)")
 flags.DEFINE_integer("sandbox_memory_mb", 4096,
                      "address-space limit of the worker that parses client key material first (0 = no worker)")
 flags.DEFINE_integer("fit_block", 4096, "public-set samples per fit ciphertext (at most the ring's slots)")
@@ -77,10 +61,10 @@ def _embed(texts: list[str]) -> np.ndarray:
 def check_flags() -> str:
     """Everything that can be checked in seconds, before any model is loaded; returns the token."""
     from linalign_jax.helix import PRESETS
-    from linalign_jax.serve.auth import load_token, server_credentials
+    from linalign_jax.serve.auth import server_credentials
     from linalign_jax.serve.server import is_loopback
 
-    token = load_token(FLAGS.token, FLAGS.token_file)
+    token = cli.helix_token()
     if bool(FLAGS.tls_cert) != bool(FLAGS.tls_key):
         raise LinalignError("TLS needs both --tls_cert and --tls_key")
     if FLAGS.tls_cert:
@@ -130,18 +114,22 @@ def load_or_train_head():
         return load_head(FLAGS.head)[0]
     import jax
 
-    from experiments.helix_data import subsample
+    from linalign_jax.data.splits import stratified_subsample
     from linalign_jax.data import load_dataset
     from linalign_jax.evaluate.heads import accuracy, train_head
 
-    task = load_dataset(FLAGS.task_data, seed=FLAGS.data_seed)
+    task = load_dataset(FLAGS.task_data, seed=FLAGS.data_seed, text_column=FLAGS.text_column,
+                        label_column=FLAGS.label_column)
     labels = np.asarray(task["train"]["label"])
-    keep = subsample(labels, FLAGS.train_limit, FLAGS.data_seed)
+    keep = stratified_subsample(labels, FLAGS.train_limit, FLAGS.data_seed)
     x = _embed([task["train"]["text"][i] for i in keep])
     names = tuple(task["train"].features["label"].names)
     head = train_head(x, labels[keep], len(names), jax.random.PRNGKey(FLAGS.head_seed))
-    test_acc = accuracy(head, _embed(list(task["test"]["text"])), np.asarray(task["test"]["label"])) \
-        if FLAGS.head_test_accuracy else None
+    test_acc = None
+    if FLAGS.head_test_accuracy:
+        test_labels = np.asarray(task["test"]["label"])
+        test_keep = stratified_subsample(test_labels, FLAGS.test_limit, FLAGS.data_seed)
+        test_acc = accuracy(head, _embed([task["test"]["text"][i] for i in test_keep]), test_labels[test_keep])
     where = "" if test_acc is None else f"; test accuracy {test_acc:.4f}"
     print(f"helix provider: trained head on {len(keep)} rows of {FLAGS.task_data}{where}", file=sys.stderr,
           flush=True)
@@ -166,7 +154,8 @@ def load_public():
     if FLAGS.public_data:
         from linalign_jax.data import load_texts
 
-        texts = load_texts(FLAGS.public_data, limit=FLAGS.public_limit, seed=FLAGS.data_seed)
+        texts = load_texts(FLAGS.public_data, limit=FLAGS.public_limit, seed=FLAGS.data_seed,
+                           text_column=FLAGS.text_column)
         name = FLAGS.public_name or f"{FLAGS.public_data}[:{len(texts)}]@seed{FLAGS.data_seed}"
         return PublicEmbeddings.from_array(name, _embed(texts))
     return None

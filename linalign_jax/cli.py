@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from absl import app, flags
 
@@ -58,59 +58,80 @@ def _defined(name: str) -> bool:
     return name in FLAGS
 
 
-def define_model_flags(*roles: str, list_flag: str | None = None) -> None:
-    """A model-spec flag per role (see MODEL_ROLES), optionally a comma-separated list flag, and --dtype."""
+def define_model_flags(*roles: str, list_flag: str | None = None, defaults: Mapping[str, str] | None = None) -> None:
+    """A model-spec flag per role (see MODEL_ROLES), optionally a comma-separated list flag, and --dtype.
+    `defaults`: role -> spec, for a demo or benchmark that runs on its own models when none are given."""
     for role in roles:
         if role not in MODEL_ROLES:
             raise ValueError(f"unknown model role {role!r}; expected one of {sorted(MODEL_ROLES)}")
+    defaults = _checked(defaults, roles, "model role")
+    for role in roles:
         if not _defined(role):
-            flags.DEFINE_string(role, None, MODEL_ROLES[role])
+            flags.DEFINE_string(role, defaults.get(role), MODEL_ROLES[role])
     if list_flag and not _defined(list_flag):
         flags.DEFINE_list(list_flag, None, "model specs, comma-separated (asset names, hub ids, paths)")
     if not _defined("dtype"):
         flags.DEFINE_enum("dtype", "float32", list(DTYPES), "model parameter / compute dtype")
 
 
-def define_data_flags(*specs: str) -> None:
+def define_data_flags(*specs: str, defaults: Mapping[str, object] | None = None) -> None:
     """A dataset-spec flag per name in DATA_SPECS with its limit flags, --data_seed, and the column names of local /
-    hub tables (--text_column, --label_column)."""
+    hub tables (--text_column, --label_column). `defaults`: a spec's or limit's own value for a binary with a reason
+    for it (HELIX: --public_limit 4096, one fit ciphertext's block)."""
     for spec in specs:
         if spec not in DATA_SPECS:
             raise ValueError(f"unknown dataset flag {spec!r}; expected one of {sorted(DATA_SPECS)}")
+    defaults = _checked(defaults, [n for spec in specs for n in (spec, *(lim[0] for lim in DATA_SPECS[spec][1]))],
+                        "dataset flag")
+    for spec in specs:
         if _defined(spec):
             continue
         help_text, limits = DATA_SPECS[spec]
-        flags.DEFINE_string(spec, DATA_DEFAULTS.get(spec), help_text)
+        flags.DEFINE_string(spec, defaults.get(spec, DATA_DEFAULTS.get(spec)), help_text)
         for name, default, limit_help in limits:
-            flags.DEFINE_integer(name, default, limit_help)
+            flags.DEFINE_integer(name, defaults.get(name, default), limit_help)
     if not _defined("data_seed"):
         flags.DEFINE_integer("data_seed", 0, "seed of the dataset split and of every subsample")
         flags.DEFINE_string("text_column", "text", "text column of a local / hub dataset")
         flags.DEFINE_string("label_column", "label", "label column of a local / hub dataset")
 
 
-def define_extraction_flags(pooled: bool = True, every_layer: bool = False) -> None:
+def _checked(defaults, names, what: str) -> dict:
+    """`defaults` as a dict whose keys are all among `names` (a typo would silently keep the shared default)."""
+    defaults = dict(defaults or {})
+    unknown = sorted(set(defaults) - set(names))
+    if unknown:
+        raise ValueError(f"defaults for {unknown}: not a {what} this call defines ({sorted(names)})")
+    return defaults
+
+
+def define_extraction_flags(pooled: bool = True, every_layer: bool = False, model_conventions: bool = True) -> None:
     """--max_length, --batch_size and, for pooled (cacheable) features, --pooling, --layer, --normalize,
     --instruction and --feature_cache. Pooled binaries leave --pooling / --normalize / --max_length unset by default:
     the model's own metadata decides (features.ExtractOptions.cache_kwargs), then features.PROJECT_DEFAULTS.
-    Token-level binaries (pooled=False: the generation maps) get --max_length = PROJECT_DEFAULTS'. A binary that
-    pools every hidden state (every_layer=True: the layer sweep) has no --layer to choose."""
+    model_conventions=False sets them to PROJECT_DEFAULTS up front (HELIX: the two parties compare these values
+    before either loads a model). Token-level binaries (pooled=False: the generation maps) get --max_length =
+    PROJECT_DEFAULTS'. A binary that pools every hidden state (every_layer=True: the layer sweep) has no --layer."""
     if _defined("max_length"):
         return
     d = ExtractOptions()
-    unset = " (default: the model's own metadata, else {})"
-    flags.DEFINE_integer("max_length", d.max_length if pooled else PROJECT_DEFAULTS["max_length"],
-                         "tokens per text; longer texts are truncated and counted"
-                         + (unset.format(PROJECT_DEFAULTS["max_length"]) if pooled else ""))
+    stated = not (pooled and model_conventions)
+    unset = "" if stated else " (default: the model's own metadata, else {})"
+
+    def default(name):
+        return PROJECT_DEFAULTS[name] if stated else getattr(d, name)
+
+    flags.DEFINE_integer("max_length", default("max_length"), "tokens per text; longer texts are truncated and "
+                         "counted" + unset.format(PROJECT_DEFAULTS["max_length"]))
     flags.DEFINE_integer("batch_size", d.batch_size, "texts per forward pass (per process)")
     if pooled:
         flags.DEFINE_string("feature_cache", d.cache_dir, "feature cache directory (default $LINALIGN_CACHE/features)")
-        flags.DEFINE_enum("pooling", d.pooling, ["mean", "last", "cls"], "how token states become one vector per text"
-                          + unset.format(PROJECT_DEFAULTS["pooling"]))
+        flags.DEFINE_enum("pooling", default("pooling"), ["mean", "last", "cls"], "how token states become one "
+                          "vector per text" + unset.format(PROJECT_DEFAULTS["pooling"]))
         if not every_layer:
             flags.DEFINE_integer("layer", d.layer, "-1: final hidden state (after the final norm); i: hidden_states[i]")
-        flags.DEFINE_bool("normalize", d.normalize, "L2-normalise each pooled vector (sentence-transformers' output)"
-                          + unset.format(PROJECT_DEFAULTS["normalize"]))
+        flags.DEFINE_bool("normalize", default("normalize"), "L2-normalise each pooled vector (sentence-transformers' "
+                          "output)" + unset.format(PROJECT_DEFAULTS["normalize"]))
         flags.DEFINE_string("instruction", d.instruction, "task of an instruction-aware embedder (e5-mistral, "
                             "Qwen3-Embedding: 'Instruct: <task>' prompts); default: its documented default task; "
                             "'' = embed the bare texts")

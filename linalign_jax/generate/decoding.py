@@ -266,16 +266,16 @@ def decode_rows(body, head: LoadedModel, prompts: Sequence[str], keys: jax.Array
     return results
 
 
-class NativeRows:
-    """Decoders continuing their own sequences: the emitted tokens go straight into the cache."""
+class PrefilledRows:
+    """The rows of one batch, their prompts prefilled into one cache of `capacity` slots (filler rows pad the batch):
+    the bodies `decode_rows` drives (NativeRows here, hybrid.HybridRows) differ only in how they `advance`."""
 
-    def __init__(self, model: LoadedModel, prompt_ids: Sequence[Sequence[int]], batch_size: int,
-                 max_new_tokens: int):
-        self.rows = CacheRows(model, batch_size, bucket(max(map(len, prompt_ids)), MIN_SEQUENCE) + max_new_tokens)
+    def __init__(self, model: LoadedModel, prompt_ids: Sequence[Sequence[int]], batch_size: int, capacity: int):
+        self.rows = CacheRows(model, batch_size, capacity)
         start = time.perf_counter()
         self.rows.prefill(list(prompt_ids) + [[]] * (batch_size - len(prompt_ids)))
-        self.stats = [{"prompt_tokens": len(ids), "prefill_seconds": time.perf_counter() - start}
-                      for ids in prompt_ids]
+        seconds = time.perf_counter() - start
+        self.stats = [{"prompt_tokens": len(ids), "prefill_seconds": seconds} for ids in prompt_ids]
 
     @property
     def batch_size(self) -> int:
@@ -284,6 +284,15 @@ class NativeRows:
     @property
     def hidden(self):
         return self.rows.hidden
+
+
+class NativeRows(PrefilledRows):
+    """Decoders continuing their own sequences: the emitted tokens go straight into the cache."""
+
+    def __init__(self, model: LoadedModel, prompt_ids: Sequence[Sequence[int]], batch_size: int,
+                 max_new_tokens: int):
+        super().__init__(model, prompt_ids, batch_size,
+                         bucket(max(map(len, prompt_ids)), MIN_SEQUENCE) + max_new_tokens)
 
     def advance(self, tokens: Dict[int, tuple]) -> None:
         self.rows.feed({row: token for row, (token, _) in tokens.items()})

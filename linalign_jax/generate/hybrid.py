@@ -11,7 +11,6 @@ back and advances on its own (`decoding.CacheRows`).
 """
 from __future__ import annotations
 
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 from linalign_jax import tokenizer_compat
 from linalign_jax.align.maps import AffineMap, load_map
 from linalign_jax.errors import LinalignError
-from linalign_jax.generate.decoding import (DEFAULT_BATCH_SIZE, CacheRows, GenerationResult, StopAt,
+from linalign_jax.generate.decoding import (DEFAULT_BATCH_SIZE, GenerationResult, PrefilledRows, StopAt,
                                             check_decode_options, check_decoder, check_max_new_tokens, check_prompts,
                                             decode_rows, default_eos_ids, run_batches)
 from linalign_jax.generate.sampling import SamplingConfig
@@ -28,7 +27,7 @@ from linalign_jax.models.base import LoadedModel
 from linalign_jax.shapes import MIN_SEQUENCE, bucket
 
 
-class HybridRows:
+class HybridRows(PrefilledRows):
     """Source bodies of a batch: each row is the source model reading a text that grows by whatever the target head
     emits for it. Rows advance by different numbers of source tokens (0 while a character is incomplete, 1 usually,
     more after a merge rollback) and roll back independently."""
@@ -41,21 +40,11 @@ class HybridRows:
                  add_special_tokens: bool = True):
         self.feeds = [tokenizer_compat.SourceTokenFeed(source.tokenizer, add_special_tokens) for _ in prompts]
         ids = [feed.update(prompt)[1] for feed, prompt in zip(self.feeds, prompts)]
-        capacity = bucket(max(map(len, ids)), MIN_SEQUENCE) + int(self.SLACK * max_new_tokens) + 1
-        self.rows = CacheRows(source, batch_size, capacity)
-        start = time.perf_counter()
-        self.rows.prefill(ids + [[]] * (batch_size - len(ids)))
+        super().__init__(source, ids, batch_size,
+                         bucket(max(map(len, ids)), MIN_SEQUENCE) + int(self.SLACK * max_new_tokens) + 1)
         self.texts = list(prompts)
-        self.stats = [{"prompt_tokens": len(i), "source_tokens_fed": len(i), "rollbacks": 0,
-                       "prefill_seconds": time.perf_counter() - start} for i in ids]
-
-    @property
-    def batch_size(self) -> int:
-        return self.rows.batch_size
-
-    @property
-    def hidden(self):
-        return self.rows.hidden
+        for stats, i in zip(self.stats, ids):
+            stats.update(source_tokens_fed=len(i), rollbacks=0)
 
     def advance(self, tokens: Dict[int, tuple]) -> None:
         keep, queues = {}, {}

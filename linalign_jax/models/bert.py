@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -16,7 +15,7 @@ from linalign_jax.errors import LinalignError
 from linalign_jax.models import core
 from linalign_jax.models.base import ENCODER, Family, ModelOutput
 from linalign_jax.models.checkpoint import strip_prefix
-from linalign_jax.models.encoder import (LAYER, EncoderConfig, check_length, embedding_rules, encoder_stack,
+from linalign_jax.models.encoder import (LAYER, EncoderConfig, EncoderModule, embedding_rules, encoder_stack,
                                          linear_rules, norm_rules)
 
 
@@ -42,32 +41,19 @@ class BertConfig(EncoderConfig):
             raise LinalignError(f"unsupported BERT position_embedding_type {self.position_embedding_type!r}; "
                                 "expected 'absolute'")
 
-    @property
-    def max_tokens(self) -> int:
-        """The longest sequence the position table holds."""
-        return self.max_position_embeddings
-
     def position_ids(self, attention_mask: jax.Array) -> jax.Array:
         return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
 
 
-class BertEncoder(nn.Module):
-    config: BertConfig
-
-    @nn.compact
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-                 output_hidden_states: bool = False) -> ModelOutput:
+class BertEncoder(EncoderModule):
+    def embed_tokens(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         cfg = self.config
+        return (self.table(cfg.vocab_size, "word_embeddings")(input_ids)
+                + self.table(cfg.max_position_embeddings, "position_embeddings")(cfg.position_ids(attention_mask))
+                + self.table(cfg.type_vocab_size, "token_type_embeddings")(jnp.zeros_like(input_ids)))
 
-        def embed(num, name):
-            return nn.Embed(num, cfg.hidden_size, dtype=cfg.compute_dtype, name=name)
-
-        check_length(input_ids.shape[1], cfg.max_tokens)
-        x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
-             + embed(cfg.max_position_embeddings, "position_embeddings")(cfg.position_ids(attention_mask))
-             + embed(cfg.type_vocab_size, "token_type_embeddings")(jnp.zeros_like(input_ids)))
-        x = core.Norm(cfg.norm_config, name="embeddings_norm")(x)
-        return encoder_stack(cfg, x, attention_mask, output_hidden_states)
+    def encode(self, x, input_ids, attention_mask, output_hidden_states) -> ModelOutput:
+        return encoder_stack(self.config, x, attention_mask, output_hidden_states)
 
 
 # ------------------------------------------------------------------------------------------ checkpoint mapping

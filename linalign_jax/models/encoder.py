@@ -53,6 +53,11 @@ class EncoderConfig:
         return self.num_hidden_layers
 
     @property
+    def max_tokens(self) -> int:
+        """The longest sequence the position table holds (a family whose positions start later overrides it)."""
+        return self.max_position_embeddings
+
+    @property
     def compute_dtype(self):
         return core.DTYPES[self.dtype]
 
@@ -80,6 +85,31 @@ def check_length(length: int, max_tokens: int) -> None:
     if length > max_tokens:
         raise LinalignError(f"sequence length {length} exceeds the {max_tokens} positions this model has; "
                             f"use max_length <= {max_tokens}")
+
+
+class EncoderModule(nn.Module):
+    """The forward every encoder family shares: the static length checked against the position table
+    (`config.max_tokens`), the family's summed embeddings (`embed_tokens`), the embeddings norm, then the family's
+    layers (`encode`). Subclasses define those two; `table` is one embedding table in the compute dtype."""
+
+    config: EncoderConfig
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+                 output_hidden_states: bool = False) -> ModelOutput:
+        check_length(input_ids.shape[1], self.config.max_tokens)
+        x = core.Norm(self.config.norm_config, name="embeddings_norm")(self.embed_tokens(input_ids, attention_mask))
+        return self.encode(x, input_ids, attention_mask, output_hidden_states)
+
+    def table(self, num: int, name: str, features: int | None = None) -> nn.Embed:
+        return nn.Embed(num, features or self.config.hidden_size, dtype=self.config.compute_dtype, name=name)
+
+    def embed_tokens(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def encode(self, x: jax.Array, input_ids: jax.Array, attention_mask: jax.Array,
+               output_hidden_states: bool) -> ModelOutput:
+        raise NotImplementedError
 
 
 def padding_mask(attention_mask: jax.Array) -> jax.Array:

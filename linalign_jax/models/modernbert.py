@@ -26,7 +26,7 @@ from linalign_jax.models import attention as attention_ops
 from linalign_jax.models import core
 from linalign_jax.models.base import ENCODER, Family, ModelOutput
 from linalign_jax.models.checkpoint import strip_prefix
-from linalign_jax.models.encoder import HF_ACTIVATIONS, EncoderConfig, check_length
+from linalign_jax.models.encoder import HF_ACTIVATIONS, EncoderConfig, EncoderModule
 
 DEFAULT_THETA = {core.FULL: 160000.0, core.SLIDING: 10000.0}  # ModernBertConfig.default_theta
 
@@ -118,16 +118,12 @@ class Layer(nn.Module):
         return x, (x if self.collect_hidden else None)
 
 
-class ModernBertEncoder(nn.Module):
-    config: ModernBertConfig
+class ModernBertEncoder(EncoderModule):
+    def embed_tokens(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        return self.table(self.config.vocab_size, "tok_embeddings")(input_ids)
 
-    @nn.compact
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-                 output_hidden_states: bool = False) -> ModelOutput:
+    def encode(self, x, input_ids, attention_mask, output_hidden_states) -> ModelOutput:
         cfg = self.config
-        check_length(input_ids.shape[1], cfg.max_position_embeddings)
-        x = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, name="tok_embeddings")(input_ids)
-        x = core.Norm(cfg.norm_config, name="embeddings_norm")(x)
         positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
         real_keys = (attention_mask > 0)[:, None, None, :]                      # [B, 1, 1, T]
         near = jnp.abs(positions[:, :, None] - positions[:, None, :]) <= cfg.local_attention // 2

@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +18,7 @@ import numpy as np
 from linalign_jax.models import core
 from linalign_jax.models.base import ENCODER, Family, ModelOutput
 from linalign_jax.models.checkpoint import strip_prefix
-from linalign_jax.models.encoder import (LAYER, EncoderConfig, check_length, embedding_rules, encoder_stack,
+from linalign_jax.models.encoder import (LAYER, EncoderConfig, EncoderModule, embedding_rules, encoder_stack,
                                          linear_rules, norm_rules)
 
 # HF's MPNetEmbeddings hard-codes padding_idx = 1 (whatever config.pad_token_id says); positions are offset by it.
@@ -42,6 +41,11 @@ class MPNetConfig(EncoderConfig):
     pad_token_id: int = 1
     attention: str = "auto"
     dtype: str = "float32"
+
+    @property
+    def max_tokens(self) -> int:
+        """Positions start after HF's padding index (RoBERTa-style), so the table holds two fewer tokens."""
+        return self.max_position_embeddings - HF_PADDING_IDX - 1
 
 
 def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
@@ -69,25 +73,18 @@ def relative_position_buckets(length: int, num_buckets: int) -> np.ndarray:
     return relative_position_bucket(positions[None, :] - positions[:, None], num_buckets)
 
 
-class MPNetEncoder(nn.Module):
-    config: MPNetConfig
-
-    @nn.compact
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-                 output_hidden_states: bool = False) -> ModelOutput:
+class MPNetEncoder(EncoderModule):
+    def embed_tokens(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         cfg = self.config
-
-        def embed(num, features, name):
-            return nn.Embed(num, features, dtype=cfg.compute_dtype, name=name)
-
-        check_length(input_ids.shape[1], cfg.max_position_embeddings - HF_PADDING_IDX - 1)
         position_ids = jnp.cumsum(attention_mask, axis=-1) * attention_mask + HF_PADDING_IDX
-        x = (embed(cfg.vocab_size, cfg.hidden_size, "word_embeddings")(input_ids)
-             + embed(cfg.max_position_embeddings, cfg.hidden_size, "position_embeddings")(position_ids))
-        x = core.Norm(cfg.norm_config, name="embeddings_norm")(x)
+        return (self.table(cfg.vocab_size, "word_embeddings")(input_ids)
+                + self.table(cfg.max_position_embeddings, "position_embeddings")(position_ids))
+
+    def encode(self, x, input_ids, attention_mask, output_hidden_states) -> ModelOutput:
+        cfg = self.config
         buckets = relative_position_buckets(input_ids.shape[1], cfg.relative_attention_num_buckets)
-        relative_bias = embed(cfg.relative_attention_num_buckets, cfg.num_attention_heads,
-                              "relative_attention_bias")(jnp.asarray(buckets))  # [T, T, H]
+        relative_bias = self.table(cfg.relative_attention_num_buckets, "relative_attention_bias",
+                                   cfg.num_attention_heads)(jnp.asarray(buckets))  # [T, T, H]
         return encoder_stack(cfg, x, attention_mask, output_hidden_states, bias=relative_bias.transpose(2, 0, 1)[None])
 
 
