@@ -52,7 +52,7 @@ cli.define_model_flags("source_model", "target_model")
 cli.define_data_flags("task_data", "ood_data", "public_data")
 cli.define_extraction_flags()
 flags.DEFINE_enum("map", "ridge", ["ridge", "optax", "procrustes", "rrr"], "map method")
-flags.DEFINE_string("ridge_lambda", "auto", "ridge λ (> 0), 'auto' (GCV) or 'cv' (k-fold CV); used by ridge and rrr")
+cli.define_ridge_flag(allow_cv=True)  # used by ridge and rrr
 flags.DEFINE_integer("cv_folds", 5, "folds for --ridge_lambda=cv")
 flags.DEFINE_bool("procrustes_scale", True, "Procrustes: fit one global scale s (False: a pure rotation, s = 1)")
 flags.DEFINE_list("similarity_measures", list(SIMILARITY_MEASURES),

@@ -1,8 +1,10 @@
-"""Pieces every benchmark binary shares (no flags here: each binary defines its own)."""
+"""Pieces every benchmark binary shares; flags only through `define_torch_side_flags` (defines nothing on import)."""
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -65,6 +67,28 @@ def torch_interpreter(explicit: str = "") -> str:
         return sys.executable
     oracle = Path(__file__).resolve().parents[1] / ".venv-oracle" / "bin" / "python"
     return str(oracle) if oracle.exists() else ""
+
+
+def define_torch_side_flags() -> None:
+    """--threads and --torch_python of a benchmark with a PyTorch side (bench_extract, bench_generate)."""
+    from absl import flags
+
+    flags.DEFINE_integer("threads", 1, "CPU threads for each side (0 = leave both libraries' defaults)")
+    flags.DEFINE_string("torch_python", "", "interpreter with torch + transformers ('' = this one if it has torch, "
+                        "else .venv-oracle; none: the torch side is skipped)")
+
+
+def run_torch_side(script: str, spec: dict, python: str, threads: int) -> dict:
+    """The PyTorch side `script` (a file next to this one, e.g. bench_extract_torch.py) run by `python` on `spec`,
+    offline, with `threads` OpenMP threads (0: torch's default); its last stdout line, as JSON."""
+    from linalign_jax.errors import LinalignError
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads > 0 else {})}
+    done = subprocess.run([python, str(Path(__file__).with_name(script)), json.dumps(spec)], capture_output=True,
+                          text=True, env=env)
+    if done.returncode:
+        raise LinalignError(f"torch side failed ({python}): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def hf_directory(spec: str) -> Path:

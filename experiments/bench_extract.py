@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import logging
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,30 +34,25 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.bench_common import (LLAMA3_8B, hf_directory, llama_decoder_config, measured_peak_tflops,
-                                       restrict_cpu_threads, torch_interpreter)
+from experiments.bench_common import (LLAMA3_8B, define_torch_side_flags, hf_directory, llama_decoder_config,
+                                       measured_peak_tflops, restrict_cpu_threads, run_torch_side, torch_interpreter)
 from linalign_jax import cli
 
 log = logging.getLogger(__name__)
 FLAGS = flags.FLAGS
-cli.define_model_flags("model")
-FLAGS.set_default("model", "all-MiniLM-L6-v2")  # the benchmark's default subject
+cli.define_model_flags("model", defaults={"model": "all-MiniLM-L6-v2"})  # the benchmark's default subject
 flags.DEFINE_bool("random_llama8b", False, "benchmark a random-weight Llama-3-8B-shaped model instead of --model")
 flags.DEFINE_integer("random_layers", 32, "layers of the --random_llama8b model (fewer: smoke test)")
 flags.DEFINE_integer("batch", 16, "rows per forward pass")
 flags.DEFINE_integer("length", 128, "tokens per row (all real tokens)")
 flags.DEFINE_integer("n_batches", 5, "timed forward passes per side")
 flags.DEFINE_integer("warmup", 2, "untimed passes first (JAX compiles in the first)")
-flags.DEFINE_integer("threads", 1, "CPU threads for each side (0 = leave both libraries' defaults)")
-flags.DEFINE_string("torch_python", "", "interpreter with torch + transformers ('' = .venv-oracle if present, "
-                    "else this one)")
+define_torch_side_flags()
 flags.DEFINE_bool("torch", True, "run the PyTorch side")
 flags.DEFINE_float("nominal_peak_tflops", 0.0, "device peak for MFU (0 = auto: 989 for bfloat16 on H100/H200)")
 flags.DEFINE_integer("peak_size", 0, "n of the n x n matmuls that measure the peak (0 = 2048 on CPU, 8192 on GPU)")
 flags.DEFINE_string("json_out", "", "write all results here (JSON)")
 
-REPO = Path(__file__).resolve().parents[1]
-TORCH_WORKER = REPO / "experiments" / "bench_extract_torch.py"
 DENSE_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0}
 LOW_TOKEN_ID = 10  # random ids start above the special ids (MPNet derives positions from "id != pad")
 
@@ -100,13 +94,7 @@ def run_torch(ids_path: Path, model_dir, pooling: str) -> dict:
             "random_llama": random_llama_config() if FLAGS.random_llama8b else None,
             "ids": str(ids_path), "n_batches": FLAGS.n_batches, "warmup": FLAGS.warmup, "dtype": FLAGS.dtype,
             "threads": FLAGS.threads, "pooling": pooling, "peak_size": FLAGS.peak_size}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if FLAGS.threads > 0:
-        env["OMP_NUM_THREADS"] = str(FLAGS.threads)
-    proc = subprocess.run([python, str(TORCH_WORKER), json.dumps(spec)], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torch side failed ({python}):\n{proc.stderr[-4000:]}")
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "python": python}
+    return {**run_torch_side("bench_extract_torch.py", spec, python, FLAGS.threads), "python": python}
 
 
 def run_jax(model, ids, pooling: str) -> dict:

@@ -14,17 +14,15 @@ token agreement of native vs torch, load averages and every timing. The markdown
 """
 from __future__ import annotations
 
-import json
-import os
 import platform
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
 from absl import flags
 
-from experiments.bench_common import hf_directory, load_average, restrict_cpu_threads, timed, torch_interpreter
+from experiments.bench_common import (define_torch_side_flags, hf_directory, load_average, restrict_cpu_threads,
+                                      run_torch_side, timed, torch_interpreter)
 from linalign_jax import cli
 from linalign_jax.errors import LinalignError
 
@@ -32,14 +30,12 @@ FLAGS = flags.FLAGS
 # --model: the native model, the torch baseline and the hybrid's head; --source_model: the hybrid's body ('' skips it)
 cli.define_model_flags("model", "source_model",
                        defaults={"model": "SmolLM2-135M-Instruct", "source_model": "gemma-3-270m"})
-flags.DEFINE_string("map_dir", "", "a saved source → model map; '' fits one on --fit_texts public texts")
-flags.DEFINE_integer("fit_texts", 100, "public texts for the map when --map_dir is empty")
+flags.DEFINE_string("map_dir", "", "a saved source → model map; '' fits one on --map_texts public texts")
+flags.DEFINE_integer("map_texts", 100, "public texts for the map when --map_dir is empty")
 flags.DEFINE_integer("batch", 8, "prompts decoded together")
 flags.DEFINE_integer("new_tokens", 32, "tokens generated per prompt")
 flags.DEFINE_integer("repeats", 3, "timed runs per side (median)")
-flags.DEFINE_integer("threads", 1, "CPU threads for each side (0 = leave both libraries' defaults)")
-flags.DEFINE_string("torch_python", "", "interpreter with torch + transformers ('' = this one if it has torch, "
-                    "else .venv-oracle; none: the torch side is skipped)")
+define_torch_side_flags()
 flags.DEFINE_string("json_out", "runs/bench_generate.json", "JSON output path")
 
 PROMPTS = ("The capital of France is", "Once upon a time, in a small village by the sea,", "Water boils at",
@@ -66,12 +62,7 @@ def run_torch(model_dir: Path, ids, mask) -> dict:
         spec = {"model_dir": str(model_dir), "random_llama": None, "ids": f"{tmp}/ids.npy", "mask": f"{tmp}/mask.npy",
                 "new_tokens": FLAGS.new_tokens, "repeats": FLAGS.repeats, "warmup": 1, "dtype": FLAGS.dtype,
                 "threads": FLAGS.threads}
-        env = {**os.environ, "OMP_NUM_THREADS": str(FLAGS.threads)} if FLAGS.threads > 0 else None
-        script = Path(__file__).with_name("bench_generate_torch.py")
-        done = subprocess.run([python, str(script), json.dumps(spec)], capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise LinalignError(f"torch side failed ({python}): {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        return run_torch_side("bench_generate_torch.py", spec, python, FLAGS.threads)
 
 
 def padded_ids(model, texts):
@@ -133,7 +124,7 @@ def main(argv):
         if FLAGS.map_dir:
             affine, _ = load_pair_map(FLAGS.map_dir, source, model)
         else:
-            affine, _ = fit_token_map(source, model, load_texts("public", limit=FLAGS.fit_texts))
+            affine, _ = fit_token_map(source, model, load_texts("public", limit=FLAGS.map_texts))
         pair = HybridPair(source, model, affine)
 
         def hybrid():

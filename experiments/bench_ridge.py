@@ -34,7 +34,7 @@ flags.DEFINE_integer("n", 100_000, "rows")
 flags.DEFINE_integer("d_in", 1024, "source dim")
 flags.DEFINE_integer("d_out", 1024, "target dim")
 flags.DEFINE_integer("rows_per_batch", 8192, "rows per streamed batch")
-flags.DEFINE_float("ridge_lambda", 1.0, "λ for the fixed-λ rows")
+flags.DEFINE_float("fixed_lambda", 1.0, "λ of the fixed-λ rows")
 flags.DEFINE_integer("repeats", 3, "timed repeats per row (best is reported)")
 flags.DEFINE_integer("peak_size", 0, "n of the float32 n x n matmuls that measure the peak (0 = 2048 on CPU, "
                      "8192 on GPU)")
@@ -82,7 +82,7 @@ def main(argv):
     import jax
 
     x, y = make_data(FLAGS.n, FLAGS.d_in, FLAGS.d_out)
-    lam = FLAGS.ridge_lambda
+    lam = FLAGS.fixed_lambda
     # Compile once outside the timing (the jitted batch function has one shape per batch size).
     ours(x[:2 * FLAGS.rows_per_batch], y[:2 * FLAGS.rows_per_batch], lam, "float32", FLAGS.rows_per_batch)
     ref_wall, ref_cpu, (W_ref, b_ref) = timed(lambda: numpy_normal_equations(x, y, lam), FLAGS.repeats)

@@ -41,35 +41,34 @@ from linalign_jax.errors import LinalignError
 log = logging.getLogger(__name__)
 FLAGS = flags.FLAGS
 cli.define_model_flags("source_model", "target_model")
+cli.define_data_flags()  # --data_seed shuffles `public`, --text_column reads tables
 cli.define_extraction_flags(pooled=False)
+cli.define_generation_flags()
+cli.define_ridge_flag("1e-4")  # the paper's λ for token maps
 flags.DEFINE_bool("both_directions", False, "also run target body → source head (models load once)")
 flags.DEFINE_string("map_dir", "", "use this saved map (one direction) instead of fitting one")
-flags.DEFINE_string("fit_data", "public", "text spec for fitting the map (load_texts: public, .txt, table, hub id)")
-flags.DEFINE_integer("fit_texts", 1000, "texts used to fit the map")
 flags.DEFINE_string("heldout_data", "", "text spec for held-out scoring ('' = the --fit_data texts after the fit ones)")
-flags.DEFINE_integer("heldout_texts", 40, "held-out texts for next-token metrics and tokenizer compatibility")
-flags.DEFINE_integer("heldout_tokens", 48, "target tokens scored per held-out text (at most)")
-flags.DEFINE_string("ridge_lambda", "1e-4", "ridge λ (> 0; the paper uses 1e-4) or 'auto' (GCV)")
 flags.DEFINE_multi_string("prompt", ["The capital of France is"], "prompt for sample outputs (repeatable)")
-flags.DEFINE_integer("max_new_tokens", 32, "tokens generated per sample")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy (the paper)")
 flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass")
-flags.DEFINE_integer("seed", 0, "PRNG seed for sampling and for shuffling the public corpus")
+flags.DEFINE_integer("seed", 0, "PRNG seed of sampling")
 flags.DEFINE_multi_string("stop", [], "stop string (repeatable)")
 flags.DEFINE_string("out_dir", None, "output directory")
 flags.mark_flags_as_required(["source_model", "target_model", "out_dir"])
 
 
 def _texts(config):
-    from linalign_jax.data import fingerprint, load_texts
+    from linalign_jax.data import fingerprint
+    from linalign_jax.generate.protocol import fitting_texts
 
     for name in ("fit_texts", "heldout_texts"):
         if config[name] < 1:
             raise LinalignError(f"--{name} must be >= 1, got {config[name]}")
-    fit_pool = load_texts(config["fit_data"], seed=config["seed"])
+    fit_pool = fitting_texts(config["fit_data"], config["data_seed"], config["text_column"])
     fit = fit_pool[:config["fit_texts"]]
     if config["heldout_data"]:
-        heldout = load_texts(config["heldout_data"], seed=config["seed"] + 1)[:config["heldout_texts"]]
+        heldout = fitting_texts(config["heldout_data"], config["data_seed"] + 1,
+                                config["text_column"])[:config["heldout_texts"]]
     else:
         heldout = fit_pool[config["fit_texts"]:config["fit_texts"] + config["heldout_texts"]]
     if not heldout:
@@ -198,7 +197,7 @@ def _cell(text: str) -> str:
 def config_from_flags() -> dict:
     keys = ("source_model", "target_model", "both_directions", "map_dir", "fit_data", "fit_texts", "heldout_data",
             "heldout_texts", "heldout_tokens", "max_length", "batch_size", "prompt", "max_new_tokens", "temperature",
-            "top_p", "seed", "stop", "dtype", "out_dir")
+            "top_p", "seed", "data_seed", "text_column", "stop", "dtype", "out_dir")
     return {**{k: FLAGS[k].value for k in keys}, "ridge_lambda": parse_lambda(FLAGS.ridge_lambda)}
 
 

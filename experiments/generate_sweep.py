@@ -31,17 +31,13 @@ FLAGS = flags.FLAGS
 cli.define_model_flags()  # --dtype; the models come in --pair
 cli.define_data_flags()  # --data_seed, --text_column for --fit_data
 cli.define_extraction_flags(pooled=False)
+cli.define_generation_flags()
+cli.define_ridge_flag("1e-4")  # the paper's λ for token maps
 flags.DEFINE_multi_string("pair", [], "SOURCE=>TARGET (asset name, hub id or path each; repeatable)")
-flags.DEFINE_string("fit_data", "public", "fitting texts: a load_texts spec, an Alpaca file or an MMLU-format file")
-flags.DEFINE_integer("fit_texts", 4000, "texts the map is fitted on (the paper: 4,000)")
-flags.DEFINE_integer("heldout_texts", 100, "texts after the fit ones for compatibility and next-token scores")
-flags.DEFINE_integer("heldout_tokens", 64, "target tokens scored per held-out text (at most)")
 flags.DEFINE_string("mc_data", "", "MMLU-format file (question, choices, answer); '' skips multiple choice")
 flags.DEFINE_integer("mc_limit", 100, "questions (the paper: 100)")
 flags.DEFINE_string("alpaca_data", "", "Alpaca-format file (instruction, input, output); '' skips instructions")
 flags.DEFINE_integer("alpaca_limit", 100, "instructions (the paper: 100 held-out prompts)")
-flags.DEFINE_integer("max_new_tokens", 128, "greedy token budget (the paper: 128)")
-flags.DEFINE_string("ridge_lambda", "1e-4", "ridge λ (the paper: 1e-4) or 'auto'")
 flags.DEFINE_string("out_dir", None, "output directory")
 flags.mark_flags_as_required(["out_dir"])
 
@@ -56,23 +52,6 @@ def parse_pairs(specs) -> list:
     if not pairs:
         raise LinalignError("give at least one --pair=SOURCE=>TARGET")
     return pairs
-
-
-def fitting_texts(spec: str, seed: int, text_column: str = "text") -> list:
-    """Texts of an Alpaca file (instruction + input + output), an MMLU-format file (question, choices, answer
-    letter) or any load_texts spec."""
-    from linalign_jax.data import load_texts
-    from linalign_jax.data.local import TABLE_SUFFIXES, read_table
-    from linalign_jax.generate import protocol
-
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
-        columns = read_table(path, None)
-        if "instruction" in columns:
-            return [protocol.alpaca_text(r) for r in protocol.load_alpaca(path)]
-        if {"question", "choices", "answer"} <= set(columns):
-            return [f"{q.prompt()} {q.letters[q.answer]}" for q in protocol.load_multiple_choice(path)]
-    return load_texts(spec, seed=seed, text_column=text_column)
 
 
 def run_pair(source, target, fit, heldout, mc, alpaca, config, out_dir: Path, records: list) -> dict:
@@ -201,7 +180,7 @@ def run(config: dict, command: str, load=None) -> dict:
     pairs = parse_pairs(config["pair"])
     mc = protocol.load_multiple_choice(config["mc_data"], config["mc_limit"]) if config["mc_data"] else []
     alpaca = protocol.load_alpaca(config["alpaca_data"], config["alpaca_limit"]) if config["alpaca_data"] else []
-    pool = fitting_texts(config["fit_data"], config["data_seed"], config["text_column"])
+    pool = protocol.fitting_texts(config["fit_data"], config["data_seed"], config["text_column"])
     fit, heldout = pool[:config["fit_texts"]], pool[config["fit_texts"]:config["fit_texts"] + config["heldout_texts"]]
     if not fit or not heldout:
         raise LinalignError(f"{config['fit_data']!r} has {len(pool)} texts: need --fit_texts={config['fit_texts']} "

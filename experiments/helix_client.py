@@ -45,7 +45,7 @@ flags.DEFINE_float("input_bound", 0.0, "public bound on |mapped embedding| entri
 flags.DEFINE_string("out", "", "classify: predictions JSON")
 flags.DEFINE_string("public_features", "", "fit: .npy client embeddings of the public set (instead of --model)")
 flags.DEFINE_integer("rank", 0, "fit: 0 = full-rank map, r = both sides reduce to their own top-r PCA basis")
-flags.DEFINE_string("ridge_lambda", "auto", "fit: ridge λ or 'auto' (GCV)")
+cli.define_ridge_flag()  # fit
 flags.DEFINE_integer("batch_columns", 8, "fit: column ciphertexts per message")
 flags.DEFINE_string("map_out", "", "fit: where the map is saved (atomically, only after a complete fit)")
 

@@ -30,7 +30,7 @@ cli.define_data_flags("task_data", "public_data", defaults={"task_data": "trec",
 cli.define_extraction_flags(model_conventions=False)
 flags.DEFINE_string("map", "", "saved map directory ('' = fit one securely with the provider)")
 flags.DEFINE_integer("fit_rank", 0, "secure fit: 0 = full rank, r = rank-r on both sides")
-flags.DEFINE_string("ridge_lambda", "auto", "secure fit ridge λ or 'auto'")
+cli.define_ridge_flag()  # the secure fit
 flags.DEFINE_string("out_dir", "runs/helix_demo", "output directory")
 flags.DEFINE_float("provider_start_timeout_s", 3600.0, "wait this long for the provider (head training, embedding)")
 

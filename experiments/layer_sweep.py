@@ -30,7 +30,7 @@ flags.DEFINE_list("measures", ["linear_cka", "mutual_knn"], "layer x layer simil
 flags.DEFINE_integer("knn_k", 10, "neighbours of the kNN measures")
 flags.DEFINE_integer("n_permutations", 20, "permutations of each measure's null")
 flags.DEFINE_enum("convention", "project", ["project", "platonic"], "similarity preprocessing convention")
-flags.DEFINE_string("ridge_lambda", "auto", "ridge λ of the per-layer maps: a float > 0, 'auto' (GCV) or 'cv'")
+cli.define_ridge_flag(allow_cv=True)  # the per-layer maps
 flags.DEFINE_integer("seed", 0, "seed of the heads and the permutations")
 flags.DEFINE_string("out_dir", None, "output directory")
 flags.mark_flags_as_required(["source_model", "target_model", "task_data", "out_dir"])

@@ -150,6 +150,28 @@ def extraction_options() -> ExtractOptions:
                           instruction=value("instruction", d.instruction))
 
 
+def define_generation_flags() -> None:
+    """The token-level map of cross-model generation and how it is scored (paper §3.2; defaults: the paper's):
+    --fit_data / --fit_texts, --heldout_texts / --heldout_tokens and --max_new_tokens (λ: define_ridge_flag)."""
+    if _defined("fit_texts"):
+        return
+    flags.DEFINE_string("fit_data", "public", "fitting texts: a load_texts spec (public, .txt, table, hub id), an "
+                        "Alpaca file or an MMLU-format file (generate.protocol.fitting_texts)")
+    flags.DEFINE_integer("fit_texts", 4000, "texts the token-level map is fitted on (the paper: 4,000)")
+    flags.DEFINE_integer("heldout_texts", 100, "held-out texts for tokenizer compatibility and next-token scores")
+    flags.DEFINE_integer("heldout_tokens", 64, "target tokens scored per held-out text (at most)")
+    flags.DEFINE_integer("max_new_tokens", 128, "tokens generated per prompt (the paper: 128)")
+
+
+def define_ridge_flag(default: str = "auto", allow_cv: bool = False) -> None:
+    """--ridge_lambda of the binary's ridge maps: a float > 0 or 'auto' (GCV), and 'cv' (k-fold CV) where the binary
+    fits from labelled rows (allow_cv; parse with `align.ridge.parse_lambda(..., allow_cv=True)`). Maps for
+    classification default to 'auto'; generation's token maps to the paper's 1e-4."""
+    if not _defined("ridge_lambda"):
+        flags.DEFINE_string("ridge_lambda", default, "ridge λ: a float > 0, 'auto' (GCV)"
+                            + (" or 'cv' (k-fold CV)" if allow_cv else ""))
+
+
 def define_helix_flags() -> None:
     """How a HELIX client reaches its provider: --provider (host:port) or --provider_file (the provider's port file),
     the bearer token, TLS (--tls_ca, --tls_server_name), --allow_plaintext off loopback, the preset floor and the

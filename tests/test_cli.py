@@ -44,6 +44,8 @@ cli.define_extraction_flags()
 cli.define_helix_flags()
 cli.define_helix_provider_flags()
 cli.define_distributed_flags()
+cli.define_generation_flags()
+cli.define_ridge_flag()
 print(json.dumps(sorted(f.name for f in flags.FLAGS.flags_by_module_dict()[cli.__name__])))
 """
 
@@ -65,7 +67,7 @@ def test_no_binary_redefines_a_shared_flag():
     assert done.returncode == 0, done.stderr[-2000:]
     shared = set(json.loads(done.stdout))
     assert {"max_length", "pooling", "task_data", "public_limit", "data_seed", "dtype", "token_file", "tls_ca",
-            "port_file", "tls_key", "timeout_s"} <= shared
+            "port_file", "tls_key", "timeout_s", "fit_texts", "ridge_lambda"} <= shared
     planted = 'from absl import flags\nflags.DEFINE_integer("max_length", 64, "tokens per text")\n'
     assert [name for _, name in own_definitions(planted) if name in shared] == ["max_length"]
     copies = [f"{path.name}:{line} --{name}" for path in sorted((REPO / "experiments").glob("*.py"))

@@ -273,6 +273,22 @@ def alpaca_text(record: dict) -> str:
     return "\n\n".join(p for p in (record["instruction"], record["input"], record["output"]) if p)
 
 
+def fitting_texts(spec: str, seed: int = 0, text_column: str = "text") -> List[str]:
+    """Texts to fit or score a token-level map on: an Alpaca file (instruction + input + output), an MMLU-format file
+    (question, choices, answer letter) or any `data.load_texts` spec (`seed` shuffles `public`)."""
+    from linalign_jax.data import load_texts
+    from linalign_jax.data.local import TABLE_SUFFIXES, read_table
+
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
+        columns = read_table(path, None)
+        if "instruction" in columns:
+            return [alpaca_text(r) for r in load_alpaca(path)]
+        if {"question", "choices", "answer"} <= set(columns):
+            return [f"{q.prompt()} {q.letters[q.answer]}" for q in load_multiple_choice(path)]
+    return load_texts(spec, seed=seed, text_column=text_column)
+
+
 def write_jsonl(path, records: Sequence[dict]) -> Path:
     """Records as JSON lines, written atomically."""
     from linalign_jax.io_utils import atomic_write_text

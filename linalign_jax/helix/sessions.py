@@ -33,7 +33,30 @@ def check_ciphertext(ct: fhe.Ciphertext, cc: fhe.CryptoContext, key_tag: str, *,
         raise LinalignError(f"{what}: not a fully packed CKKS ciphertext ({ct.GetSlots()} slots)")
 
 
-class ClientSession:
+class _SessionKeys:
+    """What ends either party's session: `close` (or leaving its with-block) removes this session's rotation keys from
+    the process-global map, once; other sessions keep theirs, and a client's secret key dies with the object."""
+
+    key_tag: str
+    _closed: bool
+
+    def close(self) -> None:
+        if not self._closed:
+            KEYS.remove(self._keys_context(), self.key_tag)
+            self._closed = True
+
+    def _keys_context(self) -> fhe.CryptoContext:
+        """The crypto context the rotation keys are registered under."""
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ClientSession(_SessionKeys):
     """The client of one inference session: fresh key pair, rotation keys for exactly one layout, the secret key.
 
     `layout` is a `linear.LinearLayout` or `bulk.BulkLayout` (which names the preset); it is computed from public
@@ -47,6 +70,9 @@ class ClientSession:
         self._cc, self._keys = cc, keys
         self.key_tag: str = keys.secretKey.GetKeyTag()
         self._closed = False
+
+    def _keys_context(self) -> fhe.CryptoContext:
+        return self._cc
 
     @classmethod
     def create(cls, layout, input_bound: float) -> "ClientSession":
@@ -128,18 +154,6 @@ class ClientSession:
             columns.append(values[: int(header["n"])] * float(header["output_scale"]))
         return np.stack(columns, axis=1)
 
-    def close(self) -> None:
-        """Drop this session's rotation keys from the process-global map (the secret key dies with the object)."""
-        if not self._closed:
-            KEYS.remove(self._cc, self.key_tag)
-            self._closed = True
-
-    def __enter__(self) -> "ClientSession":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def _decrypt_result(self, blob: bytes) -> tuple[dict[str, Any], np.ndarray]:
         header, payload = unframe(blob, KIND_RESULT)
         ct = self._load_own(header, payload, "result ciphertext", level=self.preset.depth)
@@ -158,7 +172,7 @@ class ClientSession:
         return ct
 
 
-class ProviderSession:
+class ProviderSession(_SessionKeys):
     """The provider's view of one client session: the client's context, public key and rotation keys (by key tag).
 
     `load` validates everything in the bundle; `evaluate` runs a `linear.LinearPlan` built for the same layout and
@@ -175,6 +189,9 @@ class ProviderSession:
         # anything added onto a locally made ciphertext takes that one's native parameters, so queries are added onto
         # this encryption of zero first.
         self._native_zero = cc.Encrypt(public_key, cc.MakeCKKSPackedPlaintext(np.zeros(preset.slots), 2, 0))
+
+    def _keys_context(self) -> fhe.CryptoContext:
+        return self.cc
 
     @classmethod
     def load(cls, bundle: bytes, allowed_presets: Sequence[str] = SECURE_PRESETS, layout=None) -> "ProviderSession":
@@ -286,18 +303,6 @@ class ProviderSession:
         results, output_scale = plan.apply(self.cc, self.public_key, chunks, self.input_bound, n)
         return [frame(KIND_RESULT, {"key_tag": self.key_tag, "n": n, "output": j, "output_scale": output_scale},
                       fhe.Serialize(ct, fhe.BINARY)) for j, ct in enumerate(results)]
-
-    def close(self) -> None:
-        """Remove this session's rotation keys from the process-global map; other sessions keep theirs."""
-        if not self._closed:
-            KEYS.remove(self.cc, self.key_tag)
-            self._closed = True
-
-    def __enter__(self) -> "ProviderSession":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _check_plan(self, plan) -> None:
         if self._closed:

@@ -21,12 +21,6 @@ from linalign_jax.models.encoder import (LAYER, EncoderConfig, EncoderModule, em
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig(EncoderConfig):
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
     type_vocab_size: int
     layer_norm_eps: float
     hidden_act: str = "gelu"

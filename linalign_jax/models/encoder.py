@@ -26,15 +26,23 @@ from linalign_jax.models.base import ModelOutput
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
+@dataclasses.dataclass(frozen=True)
 class EncoderConfig:
-    """Base of every encoder config (each family's own frozen dataclass): validation, reading config.json, and the
-    views the shared layers read.
+    """Base of every encoder config (each family's own frozen dataclass): the shape every encoder has (config.json
+    names; the first fields of every family's config), validation, reading config.json, and the views the shared
+    layers read.
 
-    Subclasses are frozen dataclasses with (at least) hidden_size, num_hidden_layers, num_attention_heads,
-    intermediate_size, layer_norm_eps, hidden_act, pad_token_id, attention (attention.IMPLEMENTATIONS, default
+    Subclasses add (at least) layer_norm_eps, hidden_act, pad_token_id, attention (attention.IMPLEMENTATIONS, default
     "auto"; not part of the fingerprint) and dtype; a family whose norm or MLP differs overrides `norm_config` /
     `mlp_config`.
     """
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
 
     def __post_init__(self):
         if self.attention not in attention_ops.IMPLEMENTATIONS:

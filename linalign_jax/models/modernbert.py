@@ -33,12 +33,6 @@ DEFAULT_THETA = {core.FULL: 160000.0, core.SLIDING: 10000.0}  # ModernBertConfig
 
 @dataclasses.dataclass(frozen=True)
 class ModernBertConfig(EncoderConfig):
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
     layer_types: Tuple[str, ...]
     local_attention: int = 128          # the local window's total width; keys within half of it are visible
     global_rope_theta: float = DEFAULT_THETA[core.FULL]

@@ -29,12 +29,6 @@ MAX_DISTANCE = 128
 
 @dataclasses.dataclass(frozen=True)
 class MPNetConfig(EncoderConfig):
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
     layer_norm_eps: float
     relative_attention_num_buckets: int = 32
     hidden_act: str = "gelu"
