@@ -28,7 +28,7 @@ from linalign_jax import cli
 from linalign_jax.helix import ClientSession, LinearPlan, ProviderSession, plan_layout
 from linalign_jax.helix.audit import (RawDecryptor, least_squares_head, logits_only_baseline, recovery_error,
                                       serialized_limbs)
-from linalign_jax.helix.frames import KIND_QUERY, KIND_RESULT, unframe
+from linalign_jax.helix.frames import KIND_RESULT, unframe
 from linalign_jax.helix.presets import get_preset
 from linalign_jax.io_utils import atomic_write_json
 
@@ -48,8 +48,13 @@ flags.DEFINE_integer("attack_seed", 7, "Seed of the provider's secrets and the c
 flags.DEFINE_string("json_out", None, "Write the records as JSON here.")
 
 
-def _ciphertext(blob: bytes, kind: int) -> fhe.Ciphertext:
-    return fhe.DeserializeCiphertextString(unframe(blob, kind)[1], fhe.BINARY)
+def _result(blob: bytes) -> fhe.Ciphertext:
+    return fhe.DeserializeCiphertextString(unframe(blob, KIND_RESULT)[1], fhe.BINARY)
+
+
+def _query(client, blob: bytes) -> fhe.Ciphertext:
+    """One of the client's own (packed) query frames as an OpenFHE ciphertext."""
+    return fhe.DeserializeCiphertextString(client.query_bytes(blob), fhe.BINARY)
 
 
 def _raw(client) -> RawDecryptor:
@@ -81,8 +86,8 @@ def attack_head(d: int, k: int, queries: int, preset: str | None, rng: np.random
             result = provider.evaluate(plan, blob)
             X.append(x)
             Y.append(client.decrypt(result))
-            zs.append(raw.slots(_ciphertext(blob, KIND_QUERY)))
-            rs.append(raw.slots(_ciphertext(result, KIND_RESULT)))
+            zs.append(raw.slots(_query(client, blob)))
+            rs.append(raw.slots(_result(result)))
             scale = float(unframe(result, KIND_RESULT)[0]["output_scale"])
         window = layout.n_diagonals << layout.fold_steps
         M = least_squares_head([(zs, rs)], layout.period, layout.n_diagonals, window, d, k)
@@ -119,8 +124,8 @@ def attack_fit(n: int, d_a: int, d_b: int, rank: int, fits: int, rng: np.random.
             if len(results) != len(sent):
                 raise SystemExit(f"fit attack: {len(results)} results for {len(sent)} columns (needs one block)")
             scale = float(unframe(results[0], KIND_RESULT)[0]["output_scale"])
-            sessions.append(([raw.slots(_ciphertext(b, KIND_QUERY)) for b in sent],
-                             [raw.slots(_ciphertext(b, KIND_RESULT)) for b in results]))
+            sessions.append(([raw.slots(_query(fit.crypto, b)) for b in sent],
+                             [raw.slots(_result(b)) for b in results]))
             inputs.append(fit.X.T)
             outputs.append(np.stack([fit.crypto.decrypt(b) for b in results]))
         finally:
@@ -168,7 +173,7 @@ def attack_c1(d: int, k: int, preset: str | None, rng: np.random.Generator) -> d
     provider = ProviderSession.load(client.bundle(), allowed_presets=(layout.preset,))
     try:
         blob = client.encrypt(rng.uniform(-1, 1, d))
-        c1s = [serialized_limbs(_ciphertext(provider.evaluate(plan, blob), KIND_RESULT))[1][-1][1] for _ in range(2)]
+        c1s = [serialized_limbs(_result(provider.evaluate(plan, blob)))[1][-1][1] for _ in range(2)]
         same = float(np.mean(c1s[0] == c1s[1]))
         print(f"c1: the same query evaluated twice -> {same:.1%} of the result's c1 coefficients identical "
               f"({'deterministic: c1 is a function of the query and the weights' if same > 0.5 else 'fresh'})")

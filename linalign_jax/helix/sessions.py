@@ -70,6 +70,10 @@ class ClientSession(_SessionKeys):
         self._cc, self._keys = cc, keys
         self.key_tag: str = keys.secretKey.GetKeyTag()
         self._closed = False
+        # the structure of this session's query ciphertexts, from two of its own encryptions: queries go out packed
+        samples = [fhe.Serialize(self._encrypt_slots(np.zeros(preset.slots)), fhe.BINARY) for _ in range(2)]
+        self.ciphertext_template = validate.Template.build("ciphertext", *samples, self.key_tag, self.key_tag,
+                                                           preset.ring_dim)
 
     def _keys_context(self) -> fhe.CryptoContext:
         return self._cc
@@ -107,10 +111,8 @@ class ClientSession(_SessionKeys):
             raise LinalignError(f"{len(queries)} queries in one ciphertext; this layout holds 1.."
                                 f"{self.layout.queries_per_ciphertext}")
         scaled = check_finite_bounded(queries, self.input_bound, "query embedding") / self.input_bound
-        slots = self.layout.pack_queries(scaled)
-        ct = self._cc.Encrypt(self._keys.publicKey, self._cc.MakeCKKSPackedPlaintext(slots, 2, 0))  # scale Δ²
         header = {"key_tag": self.key_tag, "n": len(queries), "single": x.ndim == 1}
-        return frame(KIND_QUERY, header, fhe.Serialize(ct, fhe.BINARY))
+        return self._query_frame(header, self.layout.pack_queries(scaled))
 
     def decrypt(self, result: bytes) -> np.ndarray:
         """Decrypt a provider result into outputs [d_out] (or [m, d_out]), undoing the input and weight scaling."""
@@ -136,11 +138,24 @@ class ClientSession(_SessionKeys):
             raise LinalignError(f"feature range [{start}, {stop}) outside [0, {x.shape[1]})")
         scaled = check_finite_bounded(x[:, start:stop], self.input_bound, "bulk embeddings") / self.input_bound
         header = {"key_tag": self.key_tag, "n": len(x)}
-        return [frame(KIND_QUERY, dict(header, feature=start + j),
-                      fhe.Serialize(self._cc.Encrypt(self._keys.publicKey,
-                                                     self._cc.MakeCKKSPackedPlaintext(scaled[:, j], 2, 0)),
-                                                     fhe.BINARY))
-                for j in range(stop - start)]
+        column = np.zeros(self.preset.slots)
+        frames = []
+        for j in range(stop - start):
+            column[: len(x)] = scaled[:, j]
+            frames.append(self._query_frame(dict(header, feature=start + j), column))
+        return frames
+
+    def query_bytes(self, blob: bytes) -> bytes:
+        """The OpenFHE bytes of one of this session's query frames (audits: `audit.py` reads them raw)."""
+        header, payload = unframe(blob, KIND_QUERY)
+        return self.ciphertext_template.unpack(payload, self.key_tag, "query ciphertext")
+
+    def _encrypt_slots(self, slots: np.ndarray) -> fhe.Ciphertext:
+        return self._cc.Encrypt(self._keys.publicKey, self._cc.MakeCKKSPackedPlaintext(np.asarray(slots, dtype=np.float64).tolist(), 2, 0))  # Δ²
+
+    def _query_frame(self, header: dict, slots: np.ndarray) -> bytes:
+        packed = self.ciphertext_template.pack(fhe.Serialize(self._encrypt_slots(slots), fhe.BINARY))
+        return frame(KIND_QUERY, header, packed)
 
     def decrypt_bulk(self, results: Sequence[bytes]) -> np.ndarray:
         """Decrypt the d_out result frames of `ProviderSession.evaluate_bulk` into outputs [n, d_out]."""

@@ -17,6 +17,10 @@ parameter or context a client chooses ever reaches OpenFHE; a blob that passes i
 coefficients. The two samples must agree outside (a) and (b), or building the template fails loudly.
 
 Templates are cached per (preset, layout): building one costs two key generations for that layout.
+
+Ciphertexts travel *packed* (`Template.pack`): only their coefficient words, each in bit_length(q) bits (55/48/48 at
+ring 8192: 151 of 192 bits), the rest being the template's; the receiver rebuilds the OpenFHE bytes from its own
+template (`Template.unpack`), so a client's query can hold nothing but coefficients below their moduli.
 """
 from __future__ import annotations
 
@@ -73,6 +77,49 @@ class Template:
                 raise LinalignError(f"{what}: two honest samples differ at byte {first}, outside every key tag and "
                                     f"coefficient array; this OpenFHE build's format is not understood here")
         return cls(what, bytes(a), tuple(constant), tuple(arrays), tuple(tags), len(ta))
+
+    @property
+    def packed_size(self) -> int:
+        """Bytes of `pack`'s output: every array's words at bit_length(modulus) bits, each array byte-aligned."""
+        return sum(-(-n * q.bit_length() // 8) for _, n, q in self.arrays)
+
+    def pack(self, data: bytes) -> bytes:
+        """The coefficient words of an object with this template's structure, bit-packed (see the module doc)."""
+        parts = []
+        for offset, n, modulus in self.arrays:
+            words = np.frombuffer(data, dtype="<u8", count=n, offset=offset)
+            bits = (words[:, None] >> np.arange(modulus.bit_length(), dtype=np.uint64)) & np.uint64(1)
+            parts.append(np.packbits(bits.astype(np.uint8).ravel(), bitorder="little").tobytes())
+        return b"".join(parts)
+
+    def unpack(self, packed: bytes, key_tag: str, what: str | None = None) -> bytes:
+        """The OpenFHE bytes of a packed object: this template with `key_tag` and the packed words, or LinalignError
+        (wrong length, nonzero padding bits, a word not below its modulus)."""
+        what = what or self.what
+        if not isinstance(packed, (bytes, bytearray)) or len(packed) != self.packed_size:
+            size = len(packed) if isinstance(packed, (bytes, bytearray)) else type(packed).__name__
+            raise LinalignError(f"{what}: {size} packed bytes, but an honest one of this session is exactly "
+                                f"{self.packed_size} (another preset, layout or level, or a forged length)")
+        tag = key_tag.encode()
+        if len(tag) != self.tag_length:
+            raise LinalignError(f"{what}: session key tag of {len(tag)} characters, expected {self.tag_length}")
+        out, start = bytearray(self.reference), 0
+        for p in self.tags:
+            out[p:p + len(tag)] = tag
+        for i, (offset, n, modulus) in enumerate(self.arrays):
+            width = modulus.bit_length()
+            size = -(-n * width // 8)
+            bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8, count=size, offset=start), bitorder="little")
+            start += size
+            if bits[n * width:].any():
+                raise LinalignError(f"{what}: nonzero padding bits after polynomial {i}")
+            words = (bits[: n * width].reshape(n, width).astype(np.uint64)
+                     << np.arange(width, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+            if int(words.max()) >= modulus:
+                j = int(np.argmax(words >= np.uint64(modulus)))
+                raise LinalignError(f"{what}: coefficient {j} of polynomial {i} is not below its modulus {modulus}")
+            out[offset:offset + 8 * n] = words.astype("<u8").tobytes()
+        return bytes(out)
 
     def check(self, data: bytes, key_tag: str, what: str | None = None) -> None:
         """Raise LinalignError naming the first difference from an honest object of this session (messages start
@@ -177,7 +224,7 @@ def templates_for(layout) -> SessionTemplates:
 
 
 def _build(layout) -> SessionTemplates:
-    from linalign_jax.helix.frames import KIND_BUNDLE, KIND_QUERY, unframe
+    from linalign_jax.helix.frames import KIND_BUNDLE, unframe
     from linalign_jax.helix.sessions import ClientSession
 
     samples = []
@@ -187,11 +234,7 @@ def _build(layout) -> SessionTemplates:
             sizes = header["part_sizes"]
             pk = payload[sizes[0]:sizes[0] + sizes[1]]
             rk = payload[sizes[0] + sizes[1]:]
-            if layout.kind == "bulk":
-                query = client.encrypt_bulk(np.zeros((1, layout.d_in)), 0, 1)[0]
-            else:
-                query = client.encrypt(np.zeros(layout.d_in))
-            samples.append((client.key_tag, pk, rk, unframe(query, KIND_QUERY)[1]))
+            samples.append((client.key_tag, pk, rk, client.ciphertext_template.reference))
     (tag_a, pk_a, rk_a, ct_a), (tag_b, pk_b, rk_b, ct_b) = samples
     ring = _ring_dim(layout)
     return SessionTemplates(
@@ -265,9 +308,10 @@ def parse_public_key(data: bytes) -> Any:
     return openfhe_parse(fhe.DeserializePublicKeyString, data, "session bundle: public key")
 
 
-def parse_ciphertext(template: Template, data: bytes, key_tag: str, what: str) -> Any:
-    """A client ciphertext checked against its session's template (kept by the session: never built during an
-    evaluation, which holds the key lock a build needs), then parsed by OpenFHE."""
+def parse_ciphertext(template: Template, packed: bytes, key_tag: str, what: str) -> Any:
+    """A client's packed ciphertext rebuilt from its session's template (kept by the session: never built during an
+    evaluation, which holds the key lock a build needs), checked again as defence in depth, then parsed by OpenFHE."""
+    data = template.unpack(packed, key_tag, what)
     template.check(data, key_tag, what)
     return deserialize_ciphertext(data, what)
 

@@ -7,7 +7,7 @@ pytest.importorskip("openfhe")
 
 from linalign_jax.errors import LinalignError  # noqa: E402
 from linalign_jax.helix import ClientSession, plan_layout, validate  # noqa: E402
-from linalign_jax.helix.frames import KIND_BUNDLE, KIND_QUERY, unframe  # noqa: E402
+from linalign_jax.helix.frames import KIND_BUNDLE, unframe  # noqa: E402
 from tests.helix.conftest import TEST_PRESET  # noqa: E402
 
 
@@ -17,7 +17,7 @@ def honest():
     client = ClientSession.create(layout, 1.0)
     header, payload = unframe(client.bundle(), KIND_BUNDLE)
     a, b, _ = header["part_sizes"]
-    ct = unframe(client.encrypt(np.zeros(64)), KIND_QUERY)[1]
+    ct = client.query_bytes(client.encrypt(np.zeros(64)))  # OpenFHE's bytes (the wire carries them packed)
     yield layout, client.key_tag, payload[a:a + b], payload[a + b:], ct
     client.close()
 
@@ -76,3 +76,20 @@ def test_unneeded_rotation_keys_are_refused():
         a, b, _ = header["part_sizes"]
         with pytest.raises(LinalignError, match="rotation keys: 5 bytes, but this layout needs none"):
             validate.check_key_material(layout, client.key_tag, payload[a:a + b], b"xxxxx")
+
+
+def test_packed_queries_hold_only_coefficients_and_are_rebuilt_from_the_template(honest):
+    """On the wire a query is its coefficient words at bit_length(q) bits each; the provider rebuilds the OpenFHE
+    bytes from its own template, so a packed blob can only choose coefficients, each below its modulus."""
+    layout, tag, pk, rk, ct = honest
+    template = validate.check_key_material(layout, tag, pk, rk).ciphertext
+    packed = template.pack(ct)
+    bits = sum(n * q.bit_length() for _, n, q in template.arrays)
+    assert len(packed) == template.packed_size == bits // 8 and len(packed) < 0.8 * len(ct)
+    assert template.unpack(packed, tag) == ct
+    with pytest.raises(LinalignError, match="packed bytes, but an honest one"):
+        template.unpack(packed + b"\0", tag)
+    with pytest.raises(LinalignError, match="not below its modulus"):
+        template.unpack(b"\xff" * len(packed), tag)
+    with pytest.raises(LinalignError, match="key tag"):
+        template.unpack(packed, tag[:-1])

@@ -119,6 +119,37 @@ def test_server_side_deadline_cancels_a_client_that_never_sends(in_process):
     client.close()
 
 
+def test_calls_beyond_the_pool_are_refused_at_once_not_queued(in_process):
+    """maximum_concurrent_rpcs = the pool (sessions + workers): with both of a 2-thread pool held by calls that never
+    finish sending, a third call is refused with RESOURCE_EXHAUSTED at once, and served again once they end."""
+    start, _ = in_process
+    server, client = start(max_sessions=1, workers=1, call_timeout_s=30.0)
+    stop, channel = threading.Event(), grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    info = channel.stream_unary(f"/{SERVICE}/Info")
+
+    def never():
+        stop.wait(30)
+        yield b""
+
+    held = [info.future(never(), metadata=client._metadata, timeout=40) for _ in range(2)]
+    codes = []
+    for _ in range(50):  # gRPC admits the held calls asynchronously: until it has, a third call is still served
+        began = time.monotonic()
+        try:
+            info(iter([]), metadata=client._metadata, timeout=20)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as e:
+            codes.append(e.code())
+            break
+    assert codes[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - began < 5
+    stop.set()
+    for call in held:
+        call.exception(timeout=40)
+    assert client.info()["head"]
+    channel.close()
+    client.close()
+
+
 def _rss_mb(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
