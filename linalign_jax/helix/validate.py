@@ -87,9 +87,9 @@ class Template:
         """The coefficient words of an object with this template's structure, bit-packed (see the module doc)."""
         parts = []
         for offset, n, modulus in self.arrays:
-            words = np.frombuffer(data, dtype="<u8", count=n, offset=offset)
-            bits = (words[:, None] >> np.arange(modulus.bit_length(), dtype=np.uint64)) & np.uint64(1)
-            parts.append(np.packbits(bits.astype(np.uint8).ravel(), bitorder="little").tobytes())
+            words = np.frombuffer(data, dtype=np.uint8, count=8 * n, offset=offset)  # little-endian u64s
+            bits = np.unpackbits(words, bitorder="little").reshape(n, 64)[:, : modulus.bit_length()]
+            parts.append(np.packbits(bits, bitorder="little").tobytes())
         return b"".join(parts)
 
     def unpack(self, packed: bytes, key_tag: str, what: str | None = None) -> bytes:
@@ -113,12 +113,13 @@ class Template:
             start += size
             if bits[n * width:].any():
                 raise LinalignError(f"{what}: nonzero padding bits after polynomial {i}")
-            words = (bits[: n * width].reshape(n, width).astype(np.uint64)
-                     << np.arange(width, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+            full = np.zeros((n, 64), dtype=np.uint8)
+            full[:, :width] = bits[: n * width].reshape(n, width)
+            words = np.packbits(full, bitorder="little").view("<u8")
             if int(words.max()) >= modulus:
                 j = int(np.argmax(words >= np.uint64(modulus)))
                 raise LinalignError(f"{what}: coefficient {j} of polynomial {i} is not below its modulus {modulus}")
-            out[offset:offset + 8 * n] = words.astype("<u8").tobytes()
+            out[offset:offset + 8 * n] = words.tobytes()
         return bytes(out)
 
     def check(self, data: bytes, key_tag: str, what: str | None = None) -> None:
