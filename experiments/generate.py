@@ -41,7 +41,7 @@ from linalign_jax.errors import LinalignError
 log = logging.getLogger(__name__)
 FLAGS = flags.FLAGS
 cli.define_model_flags("source_model", "target_model")
-cli.define_data_flags()  # --data_seed shuffles `public`, --text_column reads tables
+cli.define_data_flags(omit=("label_column",))  # --data_seed shuffles `public`, --text_column reads tables
 cli.define_extraction_flags(pooled=False)
 cli.define_generation_flags()
 cli.define_ridge_flag("1e-4")  # the paper's λ for token maps

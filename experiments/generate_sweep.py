@@ -29,7 +29,7 @@ from linalign_jax.errors import LinalignError
 log = logging.getLogger(__name__)
 FLAGS = flags.FLAGS
 cli.define_model_flags()  # --dtype; the models come in --pair
-cli.define_data_flags()  # --data_seed, --text_column for --fit_data
+cli.define_data_flags(omit=("label_column",))  # --data_seed, --text_column for --fit_data
 cli.define_extraction_flags(pooled=False)
 cli.define_generation_flags()
 cli.define_ridge_flag("1e-4")  # the paper's λ for token maps

@@ -32,7 +32,7 @@ from linalign_jax.errors import LinalignError
 FLAGS = flags.FLAGS
 cli.define_helix_flags()
 cli.define_model_flags("model")
-cli.define_data_flags("task_data", "public_data", defaults={"public_limit": 4096})
+cli.define_data_flags("task_data", "public_data", defaults={"public_limit": 4096}, omit=("train_limit",))
 cli.define_extraction_flags(model_conventions=False)
 flags.DEFINE_enum("mode", "classify", ["classify", "fit"], "what to do with the provider")
 flags.DEFINE_bool("bulk", False, "classify: all queries in one streamed feature-major call (no per-query latency)")

@@ -74,25 +74,28 @@ def define_model_flags(*roles: str, list_flag: str | None = None, defaults: Mapp
         flags.DEFINE_enum("dtype", "float32", list(DTYPES), "model parameter / compute dtype")
 
 
-def define_data_flags(*specs: str, defaults: Mapping[str, object] | None = None) -> None:
+def define_data_flags(*specs: str, defaults: Mapping[str, object] | None = None, omit: Sequence[str] = ()) -> None:
     """A dataset-spec flag per name in DATA_SPECS with its limit flags, --data_seed, and the column names of local /
     hub tables (--text_column, --label_column). `defaults`: a spec's or limit's own value for a binary with a reason
-    for it (HELIX: --public_limit 4096, one fit ciphertext's block)."""
+    for it (HELIX: --public_limit 4096, one fit ciphertext's block); `omit`: limit or column flags the binary has no
+    use for (the HELIX client classifies the test split only: no --train_limit; unlabelled texts: no --label_column)."""
     for spec in specs:
         if spec not in DATA_SPECS:
             raise ValueError(f"unknown dataset flag {spec!r}; expected one of {sorted(DATA_SPECS)}")
-    defaults = _checked(defaults, [n for spec in specs for n in (spec, *(lim[0] for lim in DATA_SPECS[spec][1]))],
-                        "dataset flag")
-    for spec in specs:
-        if _defined(spec):
-            continue
+    names = [n for spec in specs for n in (spec, *(lim[0] for lim in DATA_SPECS[spec][1]))]
+    defaults = _checked(defaults, names, "dataset flag")
+    _checked(dict.fromkeys(omit), [n for n in names if n not in specs] + ["label_column"], "limit or column flag")
+    for spec in specs:  # flag by flag: a binary that omits one does not take it from the next binary in a process
         help_text, limits = DATA_SPECS[spec]
-        flags.DEFINE_string(spec, defaults.get(spec, DATA_DEFAULTS.get(spec)), help_text)
+        if not _defined(spec):
+            flags.DEFINE_string(spec, defaults.get(spec, DATA_DEFAULTS.get(spec)), help_text)
         for name, default, limit_help in limits:
-            flags.DEFINE_integer(name, defaults.get(name, default), limit_help)
+            if name not in omit and not _defined(name):
+                flags.DEFINE_integer(name, defaults.get(name, default), limit_help)
     if not _defined("data_seed"):
         flags.DEFINE_integer("data_seed", 0, "seed of the dataset split and of every subsample")
         flags.DEFINE_string("text_column", "text", "text column of a local / hub dataset")
+    if "label_column" not in omit and not _defined("label_column"):
         flags.DEFINE_string("label_column", "label", "label column of a local / hub dataset")
 
 

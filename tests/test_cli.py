@@ -80,6 +80,8 @@ def test_group_defaults_name_only_flags_the_call_defines():
         cli.define_model_flags("model", defaults={"modle": "x"})
     with pytest.raises(ValueError, match="public_limt"):
         cli.define_data_flags("public_data", defaults={"public_limt": 1})
+    with pytest.raises(ValueError, match="public_data"):  # a spec flag is not a limit to omit
+        cli.define_data_flags("public_data", omit=("public_data",))
 
 
 def test_command_line_reproduces_a_module_run(monkeypatch):
