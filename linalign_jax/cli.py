@@ -12,8 +12,9 @@ A binary defines its flags from these groups plus its own, then hands `main` to 
         cli.run(main)
 
 The extraction defaults are `features.ExtractOptions()`; they are feature-cache key inputs, so two binaries run on the
-same models and texts share cache entries. Each group can be defined once per process (a second call is a no-op), so
-a binary built from library pieces never defines a flag twice.
+same models and texts share cache entries. A flag is defined once per process (a second call of a group skips what
+exists, and the first definition's default stands), so a binary built from library pieces never defines a flag
+twice. Groups: models, data, extraction, ridge λ, generation, HELIX connection (client / provider), distributed.
 """
 from __future__ import annotations
 
