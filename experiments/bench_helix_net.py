@@ -74,6 +74,7 @@ class Provider:
 
 def bench_bulk(work: Path, token_file: Path, d: int, k: int) -> dict:
     """Served bulk: `--bulk_queries` queries through one session, feature-major, amortised per query."""
+    from experiments.helix_data import input_bound
     from linalign_jax.helix.protocol import ServedHead
     from linalign_jax.serve.client import ProviderClient
     from linalign_jax.serve.heads import save_head
@@ -87,7 +88,7 @@ def bench_bulk(work: Path, token_file: Path, d: int, k: int) -> dict:
     try:
         with ProviderClient(provider.target, token=token_file.read_text(), timeout_s=3600) as client:
             cpu0, pcpu0, t0 = time.process_time(), provider.cpu(), time.perf_counter()
-            run = classify_bulk(client, Z, k=k, input_bound=float(2.0 ** np.ceil(np.log2(np.abs(Z).max()))),
+            run = classify_bulk(client, Z, k=k, input_bound=input_bound(Z),
                                 timeout_s=3600)
             wall, cpu, pcpu = time.perf_counter() - t0, time.process_time() - cpu0, provider.cpu() - pcpu0
     finally:
@@ -101,6 +102,7 @@ def bench_bulk(work: Path, token_file: Path, d: int, k: int) -> dict:
 
 
 def bench_queries(work: Path, token_file: Path, d: int, k: int) -> dict:
+    from experiments.helix_data import input_bound
     from linalign_jax.helix.protocol import ServedHead
     from linalign_jax.serve.client import ProviderClient
     from linalign_jax.serve.heads import save_head
@@ -114,7 +116,7 @@ def bench_queries(work: Path, token_file: Path, d: int, k: int) -> dict:
     try:
         with ProviderClient(provider.target, token=token_file.read_text()) as client:
             cpu0, pcpu0 = time.process_time(), provider.cpu()
-            run = classify(client, Z, k=k, input_bound=float(2.0 ** np.ceil(np.log2(np.abs(Z).max()))),
+            run = classify(client, Z, k=k, input_bound=input_bound(Z),
                            progress=f"queries d={d} k={k}")
             cpu, pcpu = time.process_time() - cpu0, provider.cpu() - pcpu0
     finally:

@@ -136,8 +136,8 @@ def task_embeddings() -> tuple[np.ndarray, np.ndarray]:
         return Z, labels
     if not FLAGS.task_data:
         raise LinalignError("give --task_data (with --model) or --features")
-    from linalign_jax.data.splits import stratified_subsample
     from linalign_jax.data import load_dataset
+    from linalign_jax.data.splits import stratified_subsample
 
     test = load_dataset(FLAGS.task_data, seed=FLAGS.data_seed, text_column=FLAGS.text_column,
                         label_column=FLAGS.label_column)["test"]
@@ -147,6 +147,7 @@ def task_embeddings() -> tuple[np.ndarray, np.ndarray]:
 
 
 def classify() -> dict:
+    from experiments.helix_data import input_bound
     from linalign_jax.align import apply_map, load_map
     from linalign_jax.io_utils import atomic_write_json
     from linalign_jax.serve import parties
@@ -163,7 +164,7 @@ def classify() -> dict:
                                 f"{info['head']['d']}")
         Z, labels = task_embeddings()
         mapped = apply_map(affine, np.asarray(Z, np.float32)).astype(np.float64)
-        bound = FLAGS.input_bound or 2.0 ** np.ceil(np.log2(max(np.abs(mapped).max(), 1e-12)))
+        bound = FLAGS.input_bound or input_bound(mapped)
         run = (parties.classify_bulk if FLAGS.bulk else parties.classify)(
             client, mapped, head=head, k=info["head"]["k"], input_bound=bound, preset=info.get("preset"),
             timeout_s=FLAGS.timeout_s)

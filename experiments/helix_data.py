@@ -25,6 +25,12 @@ def embed(spec: str, texts: Sequence[str], options: ExtractOptions, dtype: str =
     return embedder.features(list(texts), data=f"--model={spec}", **options.cache_kwargs(embedder.model)).array
 
 
+def input_bound(queries: np.ndarray) -> float:
+    """The public bound a client declares for its queries: the next power of two of the largest |entry| (a power of
+    two keeps the CKKS scale exact; floored at 1e-12, so an all-zero batch gives a finite bound, not 2^-inf)."""
+    return float(2.0 ** np.ceil(np.log2(max(float(np.abs(queries).max()), 1e-12))))
+
+
 def embed_with_flags(flag_values, texts: Sequence[str], missing_model: str) -> np.ndarray:
     """`embed` with the binary's --model, --dtype and extraction flags; `missing_model` says why --model is needed."""
     from linalign_jax import cli

@@ -51,7 +51,7 @@ def start_provider(out_dir: Path, token_file: Path) -> tuple[subprocess.Popen, s
 
 
 def run(out_dir: Path) -> dict:
-    from experiments.helix_data import embed
+    from experiments.helix_data import embed, input_bound
     from linalign_jax.align import apply_map, load_map, save_map
     from linalign_jax.align.ridge import parse_lambda
     from linalign_jax.data import load_dataset, load_texts
@@ -90,7 +90,7 @@ def run(out_dir: Path) -> dict:
                 affine, fit_info, head_name = fit.affine, fit.info, fit.info["helix_head"]
                 save_map(out_dir / "secure_map", affine, {**fit_info, "source_model": FLAGS.source_model})
             mapped = apply_map(affine, client_feats["test"]).astype(np.float64)
-            bound = 2.0 ** np.ceil(np.log2(np.abs(mapped).max()))
+            bound = input_bound(mapped)
             queries = classify(client, mapped, head=head_name, k=info["head"]["k"], input_bound=bound,
                                preset=info.get("preset"))
     finally:

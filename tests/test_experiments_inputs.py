@@ -158,3 +158,11 @@ def test_generate_refuses_a_map_inside_the_folder_it_replaces(tmp_path):
     assert failed.returncode == 2
     assert "lies inside --out_dir=" in failed.stderr and "replaces whole" in failed.stderr
     assert (tmp_path / "run" / "maps" / "a").is_dir()
+
+
+def test_helix_input_bound_is_the_next_power_of_two_and_finite_on_zeros():
+    from experiments.helix_data import input_bound
+
+    assert input_bound(np.array([[0.3, -0.7]])) == 1.0 and input_bound(np.array([[1.5]])) == 2.0
+    assert input_bound(np.array([[-4.0, 4.0]])) == 4.0  # already a power of two: not doubled
+    assert input_bound(np.zeros((2, 3))) == 2.0 ** -39  # an all-zero batch: the floor, not 2^-inf
