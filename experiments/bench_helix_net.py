@@ -74,7 +74,7 @@ class Provider:
 
 def bench_bulk(work: Path, token_file: Path, d: int, k: int) -> dict:
     """Served bulk: `--bulk_queries` queries through one session, feature-major, amortised per query."""
-    from experiments.helix_data import input_bound
+    from linalign_jax.helix.encoding import input_bound
     from linalign_jax.helix.protocol import ServedHead
     from linalign_jax.serve.client import ProviderClient
     from linalign_jax.serve.heads import save_head
@@ -102,7 +102,7 @@ def bench_bulk(work: Path, token_file: Path, d: int, k: int) -> dict:
 
 
 def bench_queries(work: Path, token_file: Path, d: int, k: int) -> dict:
-    from experiments.helix_data import input_bound
+    from linalign_jax.helix.encoding import input_bound
     from linalign_jax.helix.protocol import ServedHead
     from linalign_jax.serve.client import ProviderClient
     from linalign_jax.serve.heads import save_head
@@ -174,7 +174,7 @@ def real_fit_accuracy(work: Path, token_file: Path) -> list[dict]:
     """Accuracy vs rank of secure maps (client source model → provider's head) against the plaintext ridge map."""
     import jax
 
-    from experiments.helix_data import embed
+    from linalign_jax.embedders import embed_texts as embed
     from linalign_jax.align import fit_ridge
     from linalign_jax.data.task import load_task_texts
     from linalign_jax.evaluate.heads import train_head

@@ -51,9 +51,7 @@ flags.DEFINE_string("map_out", "", "fit: where the map is saved (atomically, onl
 
 
 def _embed(texts: list[str]) -> np.ndarray:
-    from experiments.helix_data import embed_with_flags
-
-    return embed_with_flags(FLAGS, texts, "unless embeddings are given as .npy files")
+    return cli.embed_with_flags(texts, "unless embeddings are given as .npy files")
 
 
 def _load_npy(path: str, what: str) -> np.ndarray:
@@ -147,8 +145,8 @@ def task_embeddings() -> tuple[np.ndarray, np.ndarray]:
 
 
 def classify() -> dict:
-    from experiments.helix_data import input_bound
     from linalign_jax.align import apply_map, load_map
+    from linalign_jax.helix.encoding import input_bound
     from linalign_jax.io_utils import atomic_write_json
     from linalign_jax.serve import parties
 

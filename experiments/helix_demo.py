@@ -51,11 +51,12 @@ def start_provider(out_dir: Path, token_file: Path) -> tuple[subprocess.Popen, s
 
 
 def run(out_dir: Path) -> dict:
-    from experiments.helix_data import embed, input_bound
     from linalign_jax.align import apply_map, load_map, save_map
     from linalign_jax.align.ridge import parse_lambda
     from linalign_jax.data import load_dataset, load_texts
     from linalign_jax.data.splits import stratified_subsample
+    from linalign_jax.embedders import embed_texts as embed
+    from linalign_jax.helix.encoding import input_bound
     from linalign_jax.io_utils import atomic_write_json
     from linalign_jax.serve.client import ProviderClient
     from linalign_jax.serve.heads import HeadStore, load_head

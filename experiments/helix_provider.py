@@ -53,9 +53,7 @@ flags.DEFINE_integer("fit_block", 4096, "public-set samples per fit ciphertext (
 
 
 def _embed(texts: list[str]) -> np.ndarray:
-    from experiments.helix_data import embed_with_flags
-
-    return embed_with_flags(FLAGS, texts, "to train a head or embed the public set")
+    return cli.embed_with_flags(texts, "to train a head or embed the public set")
 
 
 def check_flags() -> str:
@@ -107,36 +105,22 @@ def check_bindable(host: str, port: int) -> None:
 
 
 def load_or_train_head():
-    from linalign_jax.helix.protocol import ServedHead
-    from linalign_jax.serve.heads import load_head, save_head
+    from linalign_jax.data import load_dataset
+    from linalign_jax.serve.heads import load_head, save_head, train_task_head
 
     if FLAGS.head:
         return load_head(FLAGS.head)[0]
-    import jax
-
-    from linalign_jax.data.splits import stratified_subsample
-    from linalign_jax.data import load_dataset
-    from linalign_jax.evaluate.heads import accuracy, train_head
-
     task = load_dataset(FLAGS.task_data, seed=FLAGS.data_seed, text_column=FLAGS.text_column,
                         label_column=FLAGS.label_column)
-    labels = np.asarray(task["train"]["label"])
-    keep = stratified_subsample(labels, FLAGS.train_limit, FLAGS.data_seed)
-    x = _embed([task["train"]["text"][i] for i in keep])
-    names = tuple(task["train"].features["label"].names)
-    head = train_head(x, labels[keep], len(names), jax.random.PRNGKey(FLAGS.head_seed))
-    test_acc = None
-    if FLAGS.head_test_accuracy:
-        test_labels = np.asarray(task["test"]["label"])
-        test_keep = stratified_subsample(test_labels, FLAGS.test_limit, FLAGS.data_seed)
-        test_acc = accuracy(head, _embed([task["test"]["text"][i] for i in test_keep]), test_labels[test_keep])
-    where = "" if test_acc is None else f"; test accuracy {test_acc:.4f}"
-    print(f"helix provider: trained head on {len(keep)} rows of {FLAGS.task_data}{where}", file=sys.stderr,
-          flush=True)
-    served = ServedHead(np.asarray(head.V), np.asarray(head.c), names)
+    served, trained = train_task_head(_embed, task, train_limit=FLAGS.train_limit, test_limit=FLAGS.test_limit,
+                                      data_seed=FLAGS.data_seed, head_seed=FLAGS.head_seed,
+                                      test_accuracy=FLAGS.head_test_accuracy)
+    score = trained["test_accuracy"]
+    where = "" if score is None else f"; test accuracy {score:.4f}"
+    print(f"helix provider: trained head on {trained['train_rows']} rows of {FLAGS.task_data}{where}",
+          file=sys.stderr, flush=True)
     if FLAGS.save_head:
-        save_head(FLAGS.save_head, served, {"model": FLAGS.model, "task_data": FLAGS.task_data,
-                                            "train_rows": len(keep), "test_accuracy": test_acc,
+        save_head(FLAGS.save_head, served, {"model": FLAGS.model, "task_data": FLAGS.task_data, **trained,
                                             "pooling": FLAGS.pooling, "normalize": FLAGS.normalize,
                                             "max_length": FLAGS.max_length, "head_seed": FLAGS.head_seed})
     return served

@@ -310,3 +310,13 @@ def _configure_logging() -> None:
     # announces the JAX it found: both at INFO.
     for noisy in ("jax._src.xla_bridge", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def embed_with_flags(texts: Sequence[str], missing_model: str):
+    """Features of `texts` under the binary's --model, --dtype and extraction flags (`embedders.embed_texts`);
+    `missing_model` says why --model is needed."""
+    from linalign_jax.embedders import embed_texts
+
+    if not FLAGS.model:
+        raise LinalignError(f"--model is required {missing_model}")
+    return embed_texts(FLAGS.model, texts, extraction_options(), FLAGS.dtype)

@@ -13,6 +13,7 @@ another file of the same model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -85,3 +86,16 @@ def embed_sets(embedder: Embedder, sets: Mapping[str, Sequence[str]], options: E
         status[name] = {"cache": result.metadata.get("cache"), "seconds": result.metadata.get("seconds"),
                         **{k: result.metadata.get(k) for k in ("pooling", "normalize", "max_length", "prompt")}}
     return arrays, status
+
+
+@functools.lru_cache(maxsize=2)
+def _opened(spec: str, dtype: str) -> Embedder:
+    """Each model (or embeddings file) is opened once per process, however many text sets a binary embeds with it."""
+    return open_embedder(spec, dtype=dtype)
+
+
+def embed_texts(spec: str, texts: Sequence[str], options: ExtractOptions = ExtractOptions(),
+                dtype: str = "float32") -> np.ndarray:
+    """Pooled features [N, d] of `texts` under `spec` (through the feature cache; the embedder opened once)."""
+    embedder = _opened(spec, dtype)
+    return embedder.features(list(texts), data=f"--model={spec}", **options.cache_kwargs(embedder.model)).array

@@ -161,7 +161,8 @@ def test_generate_refuses_a_map_inside_the_folder_it_replaces(tmp_path):
 
 
 def test_helix_input_bound_is_the_next_power_of_two_and_finite_on_zeros():
-    from experiments.helix_data import input_bound
+    pytest.importorskip("openfhe")
+    from linalign_jax.helix.encoding import input_bound
 
     assert input_bound(np.array([[0.3, -0.7]])) == 1.0 and input_bound(np.array([[1.5]])) == 2.0
     assert input_bound(np.array([[-4.0, 4.0]])) == 4.0  # already a power of two: not doubled

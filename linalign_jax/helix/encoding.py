@@ -23,3 +23,10 @@ def check_finite_bounded(values: np.ndarray, bound: float, what: str) -> np.ndar
         idx = tuple(int(i) for i in np.unravel_index(np.abs(values).argmax(), values.shape))
         raise LinalignError(f"{what}: |value| {abs(values[idx]):.6g} at index {idx} exceeds the bound {bound:.6g}")
     return values
+
+
+def input_bound(values: np.ndarray) -> float:
+    """The public bound a client declares for its inputs: the next power of two of the largest |entry| (a power of
+    two keeps the CKKS scale exact and says little about the data; floored at 1e-12, so an all-zero batch gives a
+    finite bound, not 2^-inf)."""
+    return float(2.0 ** np.ceil(np.log2(max(float(np.abs(values).max()), 1e-12))))

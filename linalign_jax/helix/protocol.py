@@ -43,6 +43,7 @@ import numpy as np
 
 from linalign_jax.errors import LinalignError
 from linalign_jax.helix.bulk import BulkLayout, BulkPlan
+from linalign_jax.helix.encoding import input_bound
 from linalign_jax.helix.frames import require  # the one typed-field validator (frames.py)
 from linalign_jax.helix.keys import KEYS
 from linalign_jax.helix.linear import VALUE_BUDGET_FRACTION, LinearLayout, LinearPlan, plan_layout, weight_scale
@@ -424,8 +425,7 @@ class SecureFitClient(_ClientKeys):
         else:
             self.basis, self.X, self.gram = np.eye(Z_B.shape[1]), centred, gram
         self.block, self.n_blocks = S, -(-n // S)
-        # Public and coarse (a power of two), so it says little about the data.
-        self.input_bound = 2.0 ** np.ceil(np.log2(max(np.abs(self.X).max(), 1e-12)))
+        self.input_bound = input_bound(self.X)
         # Entries far below CKKS precision (e.g. a constant feature after centring) carry nothing, and OpenFHE refuses
         # to encode a vector whose largest entry is below its scale: flush them to exact zeros.
         self.X[np.abs(self.X) < self.input_bound * FLUSH_BELOW] = 0.0

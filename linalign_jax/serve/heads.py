@@ -12,7 +12,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -22,6 +22,30 @@ from linalign_jax.io_utils import atomic_path, atomic_write_json
 
 WEIGHTS_FILE, METADATA_FILE = "head.safetensors", "head.json"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def train_task_head(embed: Callable[[Sequence[str]], np.ndarray], task, *, train_limit: int, test_limit: int,
+                    data_seed: int, head_seed: int, test_accuracy: bool) -> tuple[ServedHead, dict[str, Any]]:
+    """The provider's own head for a labelled task (a datasets.DatasetDict with train / test): a linear head trained
+    on its embeddings of a stratified subsample of the train split, optionally scored on the test split; returns the
+    head and its provenance (train_rows, test_accuracy) for `save_head`."""
+    import jax
+
+    from linalign_jax.data.splits import stratified_subsample
+    from linalign_jax.evaluate.heads import accuracy, train_head
+
+    labels = np.asarray(task["train"]["label"])
+    keep = stratified_subsample(labels, train_limit, data_seed)
+    names = tuple(task["train"].features["label"].names)
+    head = train_head(embed([task["train"]["text"][i] for i in keep]), labels[keep], len(names),
+                      jax.random.PRNGKey(head_seed))
+    score = None
+    if test_accuracy:
+        test_labels = np.asarray(task["test"]["label"])
+        test_keep = stratified_subsample(test_labels, test_limit, data_seed)
+        score = accuracy(head, embed([task["test"]["text"][i] for i in test_keep]), test_labels[test_keep])
+    return (ServedHead(np.asarray(head.V), np.asarray(head.c), names),
+            {"train_rows": len(keep), "test_accuracy": score})
 
 
 def save_head(path: str | Path, head: ServedHead, metadata: Mapping[str, Any] | None = None) -> Path:
