@@ -109,6 +109,9 @@ def _fft_long(x: np.ndarray) -> np.ndarray:
 def exact_center(values: np.ndarray, preset: CkksPreset) -> tuple[np.ndarray, np.ndarray]:
     """(c, residue): c = Δ·τ⁻¹(values) in long double, the coefficients the real slot values would have without
     rounding; residue, its imaginary part, is exactly 0 in exact arithmetic (a measure of the FFT's error)."""
+    if np.finfo(np.longdouble).nmant < 63:  # e.g. macOS arm64 / Windows, where long double is float64
+        raise LinalignError("HELIX plans need an extended-precision long double (64-bit mantissa) for the exact "
+                            f"center of the randomized encoding; this platform's has {np.finfo(np.longdouble).nmant}")
     n, pos = preset.ring_dim, _positions(preset.ring_dim)
     powers = np.zeros(n, dtype=np.clongdouble)
     powers[pos] = values
