@@ -4,7 +4,11 @@ production preset, a quarter of the cost; security is irrelevant to what they ch
 import numpy as np
 import pytest
 
-from linalign_jax.helix import ClientSession, LinearPlan, ProviderSession, plan_layout
+try:  # the CKKS engine runs on CPython 3.10 only: without openfhe (the GPU image) every module here skips itself
+    from linalign_jax.helix import ClientSession, LinearPlan, ProviderSession, plan_layout
+except ModuleNotFoundError as e:
+    if e.name != "openfhe":
+        raise
 
 TEST_PRESET = "insecure_n4096"
 TEST_ALLOWED = ("san48_55", TEST_PRESET)

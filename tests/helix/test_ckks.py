@@ -1,15 +1,16 @@
 """CKKS layer: presets, headroom, wire format, bundle validation, key isolation between sessions, bad input."""
 import numpy as np
-import openfhe as fhe
 import pytest
 
-from linalign_jax.errors import LinalignError
-from linalign_jax.helix import PRESETS, ClientSession, LinearPlan, ProviderSession, choose_preset, plan_layout
-from linalign_jax.helix.frames import KIND_QUERY, KIND_RESULT, frame, unframe
-from linalign_jax.helix.keys import serialize_rotation_keys
-from linalign_jax.helix.presets import HE_STANDARD_128_LOG_QP, context_for, log2_qp
+fhe = pytest.importorskip("openfhe")  # the CKKS engine runs on CPython 3.10 only
 
-from tests.helix.conftest import TEST_ALLOWED, TEST_PRESET, open_sessions
+from linalign_jax.errors import LinalignError  # noqa: E402
+from linalign_jax.helix import PRESETS, ClientSession, LinearPlan, ProviderSession, choose_preset, plan_layout  # noqa: E402
+from linalign_jax.helix.frames import KIND_QUERY, KIND_RESULT, frame, unframe  # noqa: E402
+from linalign_jax.helix.keys import serialize_rotation_keys  # noqa: E402
+from linalign_jax.helix.presets import HE_STANDARD_128_LOG_QP, context_for, log2_qp  # noqa: E402
+
+from tests.helix.conftest import TEST_ALLOWED, TEST_PRESET, open_sessions  # noqa: E402
 
 
 def test_presets_give_the_documented_rings_at_128_bits():

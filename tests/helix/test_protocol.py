@@ -2,8 +2,10 @@
 import numpy as np
 import pytest
 
-from linalign_jax.errors import LinalignError
-from linalign_jax.helix.protocol import (ProviderCore, PublicEmbeddings, QueryClient, SecureFitClient, ServedHead,
+pytest.importorskip("openfhe")  # the CKKS engine runs on CPython 3.10 only
+
+from linalign_jax.errors import LinalignError  # noqa: E402
+from linalign_jax.helix.protocol import (ProviderCore, PublicEmbeddings, QueryClient, SecureFitClient, ServedHead,  # noqa: E402
                                          _chunks)
 
 PRESET = "insecure_n4096"

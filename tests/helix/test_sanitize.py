@@ -9,13 +9,15 @@ import math
 import numpy as np
 import pytest
 
-from linalign_jax.helix import ClientSession, LinearPlan, ProviderSession, plan_layout
-from linalign_jax.helix.audit import RawDecryptor
-from linalign_jax.helix.sanitize import NOISE_BOUND_LOG2, noise_flood_log2, sanitize
-from linalign_jax.helix.frames import KIND_QUERY, unframe
-from linalign_jax.helix.protocol import ProviderCore, PublicEmbeddings, SecureFitClient, ServedHead
+pytest.importorskip("openfhe")  # the CKKS engine runs on CPython 3.10 only
 
-from tests.helix.conftest import TEST_PRESET
+from linalign_jax.helix import ClientSession, LinearPlan, ProviderSession, plan_layout  # noqa: E402
+from linalign_jax.helix.audit import RawDecryptor  # noqa: E402
+from linalign_jax.helix.sanitize import NOISE_BOUND_LOG2, noise_flood_log2, sanitize  # noqa: E402
+from linalign_jax.helix.frames import KIND_QUERY, unframe  # noqa: E402
+from linalign_jax.helix.protocol import ProviderCore, PublicEmbeddings, SecureFitClient, ServedHead  # noqa: E402
+
+from tests.helix.conftest import TEST_PRESET  # noqa: E402
 
 
 def test_head_attacks_on_the_production_preset_get_nothing_beyond_the_logits():
