@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import openfhe as fhe
 
+from linalign_jax.helix.smoothing import odd_powers
+
 
 def serialized_limbs(obj: Any) -> tuple[dict, list[tuple[int, np.ndarray]]]:
     """(JSON tree, [(modulus, evaluation-form limb as object ints)]) of a serialized OpenFHE object."""
@@ -125,11 +127,10 @@ class RawDecryptor:
         coef, scale = self.coefficients(ct)
         return self._odd_powers(coef, scale)[self._slot_map]
 
-    def _odd_powers(self, coef: np.ndarray, scale: float) -> np.ndarray:
-        """p(ζ^(2j+1)) / scale for j < n, ζ = e^(iπ/n)."""
-        n = self.n
-        real = np.array([float(c) for c in coef]) / scale
-        return np.fft.ifft(real * np.exp(1j * np.pi * np.arange(n) / n)) * n
+    @staticmethod
+    def _odd_powers(coef: np.ndarray, scale: float) -> np.ndarray:
+        """p(ζ^(2j+1)) / scale for j < n (object-int coefficients)."""
+        return odd_powers(np.array([float(c) for c in coef]) / scale)
 
     def _calibrate(self, public_key: fhe.PublicKey) -> np.ndarray:
         """OpenFHE's slot t is p(ζ^(e·5^t)) for one odd e fixed by its NTT convention: find e with a known encryption."""

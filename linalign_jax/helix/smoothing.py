@@ -133,6 +133,12 @@ def sample_coefficients(center: np.ndarray, rng: np.random.Generator) -> np.ndar
     return base.astype(np.int64) + offsets[pick].astype(np.int64)
 
 
+def odd_powers(coefficients: np.ndarray) -> np.ndarray:
+    """p(ζ^(2j+1)) for j < N, ζ = e^(iπ/N), of real coefficients (float64): the canonical embedding, in root order."""
+    n = len(coefficients)
+    return np.fft.ifft(coefficients * np.exp(1j * np.pi * np.arange(n) / n)) * n
+
+
 def plaintext_of_coefficients(cc: fhe.CryptoContext, coefficients: np.ndarray, preset: CkksPreset) -> fhe.Plaintext:
     """The degree-1 plaintext with exactly these integer coefficients: OpenFHE's encoder rounds Δ·τ⁻¹ of the slot
     values, and τ(w)/Δ in float64 comes back to w within 2^-3 (|w| < 2^47; the tests check it coefficient by
@@ -140,8 +146,8 @@ def plaintext_of_coefficients(cc: fhe.CryptoContext, coefficients: np.ndarray, p
     n = preset.ring_dim
     if np.abs(coefficients).max(initial=0) >= 2 ** 47:
         raise LinalignError("a plaintext coefficient exceeds 2^47: the encoding would not be exact")
-    odd_powers = np.fft.ifft(coefficients * np.exp(1j * np.pi * np.arange(n) / n)) * n / preset.base_scale
-    return cc.MakeCKKSPackedPlaintext(odd_powers[_positions(n)].tolist(), 1, 0)
+    slots = odd_powers(coefficients.astype(np.float64))[_positions(n)] / preset.base_scale
+    return cc.MakeCKKSPackedPlaintext(slots.tolist(), 1, 0)
 
 
 def randomized_plaintext(cc: fhe.CryptoContext, values: np.ndarray, preset: CkksPreset,
