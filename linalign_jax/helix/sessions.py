@@ -151,7 +151,9 @@ class ClientSession(_SessionKeys):
         return self.ciphertext_template.unpack(payload, self.key_tag, "query ciphertext")
 
     def _encrypt_slots(self, slots: np.ndarray) -> fhe.Ciphertext:
-        return self._cc.Encrypt(self._keys.publicKey, self._cc.MakeCKKSPackedPlaintext(np.asarray(slots, dtype=np.float64).tolist(), 2, 0))  # Δ²
+        """A fresh encryption of a full slot vector at scale Δ² (degree 2, three towers)."""
+        plaintext = self._cc.MakeCKKSPackedPlaintext(np.asarray(slots, dtype=np.float64).tolist(), 2, 0)
+        return self._cc.Encrypt(self._keys.publicKey, plaintext)
 
     def _query_frame(self, header: dict, slots: np.ndarray) -> bytes:
         packed = self.ciphertext_template.pack(fhe.Serialize(self._encrypt_slots(slots), fhe.BINARY))
